@@ -1,0 +1,115 @@
+"""Data: the GPT-2 tokenizer, one download helper, tiny shakespeare, a text batch loader."""
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import UserError
+
+EOT = 50256  # <|endoftext|>: delimits documents
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 BPE (downloaded once by tiktoken; TIKTOKEN_CACHE_DIR to work offline)."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/OS errors when it cannot fetch its files
+        raise UserError(
+            f"could not load the gpt2 tokenizer ({type(e).__name__}); offline? set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files"
+        ) from None
+
+
+def cache_dir():
+    """Where downloads live: $GPT_FROM_SCRATCH_CACHE, else ~/.cache/gpt-from-scratch."""
+    d = os.environ.get("GPT_FROM_SCRATCH_CACHE") or Path.home() / ".cache" / "gpt-from-scratch"
+    return Path(d)
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None, timeout=30):
+    """Fetch url into path once: progress bar, temp file + rename, checksum when known.
+
+    A second call finds the file and returns at once. On a checksum mismatch or a network
+    error nothing is left at `path`, and the error says how to fill it by hand."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    if path.exists() and (sha256 is None or sha256_of(path) == sha256):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False) as bar:
+                for chunk in iter(lambda: r.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and (got := sha256_of(tmp)) != sha256:
+            raise UserError(f"checksum mismatch for {url}: expected {sha256}, got {got}; not saved")
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"could not download {url} ({reason}); check the connection or put the file at {path}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_text(path=None):
+    """The text at `path`, or tiny shakespeare (downloaded into the cache once)."""
+    if not path:
+        path = download(
+            TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt", TINY_SHAKESPEARE_SHA256
+        )
+    if not os.path.isfile(path):
+        raise UserError(f"input file not found: {path} (omit --input to use tiny shakespeare)")
+    return Path(path).read_text(encoding="utf-8")
+
+
+class TextLoader:
+    """Tokenizes a text once, then serves (B, T) batches in order, wrapping at the end.
+
+    x is a window of B*T tokens and y the same window shifted by one: y[b, t] is the token
+    that follows x[b, t], so every position is a training example."""
+
+    def __init__(self, tokens, batch_size, seq_len):
+        self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        self.B, self.T = batch_size, seq_len
+        if len(self.tokens) < batch_size * seq_len + 1:
+            raise UserError(
+                f"text has {len(self.tokens)} tokens, fewer than one batch needs "
+                f"({batch_size}*{seq_len}+1): lower --batch-size or --seq-len"
+            )
+        self.pos = 0
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.tokens[self.pos : self.pos + B * T + 1]
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets
+        self.pos += B * T
+        if self.pos + B * T + 1 > len(self.tokens):  # next batch would run off the end: wrap
+            self.pos = 0
+        return x, y
