@@ -5,8 +5,9 @@
         batch_size: int = 16  # sequences per step      ->  --batch-size 16  (help from the comment)
         cpu: ClassVar[dict] = dict(preset="tiny", batch_size=4)
 
-`cpu` holds the sizes used when no CUDA GPU is found and no size flag was given, so
-`python NN_stage.py` finishes quickly on a laptop while `--preset gpt2` forces the real thing.
+`cpu` holds the defaults used when no CUDA GPU is found and no --preset was given (or the
+CPU preset is named), so `python NN_stage.py` finishes quickly on a laptop while
+`--preset gpt2` forces the real thing. Flags given on the command line always win.
 """
 
 import argparse
@@ -17,8 +18,6 @@ import sys
 import typing
 
 from common import UserError
-
-SIZE_FLAGS = ("preset", "batch_size", "seq_len", "steps")  # any of these given: no CPU defaults
 
 
 def _field_help(cls):
@@ -62,10 +61,15 @@ def parse_args(Config, argv=None):
     given = {a.dest for a in parser._actions if typed & set(a.option_strings)}
     cfg = Config(**vars(ns))
     cpu = getattr(Config, "cpu", None)
-    if cpu and not (given & set(SIZE_FLAGS)) and _no_cuda(cfg):
-        cfg = dataclasses.replace(cfg, **cpu)
-        shown = ", ".join(f"{k}={v}" for k, v in cpu.items())
-        print(f"No CUDA GPU: using the CPU defaults ({shown}); --preset gpt2 forces the real size.")
+    if cpu:
+        auto = "preset" not in given and _no_cuda(cfg)  # nothing asked for, no GPU: go small
+        if auto or cfg.__dict__.get("preset") == cpu.get("preset"):  # or the CPU preset by name
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
+        if auto:
+            shown = ", ".join(f"{k}={v}" for k, v in cpu.items())
+            print(
+                f"No CUDA GPU: using the CPU defaults ({shown}); --preset gpt2 forces the real size."
+            )
     sys.excepthook = _excepthook
     return cfg
 
