@@ -1,6 +1,8 @@
-"""Training plumbing the stages share: device pick, seeding, the step line."""
+"""Training plumbing the stages share: device pick, seeding, the step line, DDP setup."""
 
+import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,3 +55,44 @@ def synchronize(device):
         torch.cuda.synchronize()
     elif str(device) == "mps":
         torch.mps.synchronize()
+
+
+@dataclass
+class Dist:
+    """Who this process is in a (possibly one-process) run."""
+
+    rank: int = 0  # global rank: 0 alone prints and writes
+    local_rank: int = 0  # GPU index on this node
+    world_size: int = 1
+    device: str = "cpu"
+    ddp: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_dist(device="auto"):
+    """Under torchrun (RANK/WORLD_SIZE set): join the process group, NCCL on CUDA, gloo on CPU.
+    Otherwise a plain one-process run on `device`."""
+    if "RANK" not in os.environ:
+        return Dist(device=pick_device(device))
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl")
+    else:
+        device = pick_device("cpu" if device == "auto" else device)
+        dist.init_process_group(backend="gloo")
+    return Dist(rank, local_rank, world_size, device, ddp=True)
+
+
+def teardown_dist(d):
+    if d.ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
