@@ -113,3 +113,94 @@ class TextLoader:
         if self.pos + B * T + 1 > len(self.tokens):  # next batch would run off the end: wrap
             self.pos = 0
         return x, y
+
+
+def shard_files(data_dir, split):
+    """The `*_{split}_*.npy` token shards in data_dir, sorted (their names carry the index)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(
+            f"data dir not found: {data_dir}; make the shards with `python -m common.fineweb`"
+        )
+    files = sorted(data_dir.glob(f"*_{split}_*.npy"))
+    if not files:
+        raise UserError(
+            f"no '{split}' shards (*_{split}_*.npy) in {data_dir}; "
+            "make them with `python -m common.fineweb`"
+        )
+    return files
+
+
+class ShardLoader:
+    """Serves (B, T) batches from uint16 token shards, one rank's share under DDP, resumable.
+
+    One step reads B*T*world_size consecutive tokens (+1 for the last target): rank r takes
+    the window starting at pos + r*B*T, so the ranks see disjoint data and together the same
+    tokens one process would see with world_size times the batch. When the next step would
+    run off the end of a shard, all ranks move to the next shard (the last wraps to the
+    first); the few tokens left at a shard's end are skipped. state_dict() is (shard, pos),
+    enough to continue exactly."""
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1):
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.step_tokens = batch_size * seq_len * world_size  # tokens all ranks read per step
+        self.files = shard_files(data_dir, split)
+        for path in self.files:  # check them all now (headers only), not hours into a run
+            self._open(path)
+        self.reset()
+
+    def _open(self, path):
+        """The shard as a read-only memory map: nothing is read until a batch needs it."""
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # truncated header, not .npy at all, pickled objects ...
+            raise UserError(
+                f"cannot read shard {path} ({type(e).__name__}); delete it and re-run "
+                "`python -m common.fineweb` to write it again"
+            ) from None
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise UserError(
+                f"shard {path} is not a 1-D array of token ids ({tokens.dtype}, shape "
+                f"{tokens.shape}); delete it and re-run `python -m common.fineweb`"
+            )
+        if len(tokens) < self.step_tokens + 1:
+            raise UserError(
+                f"shard {path} holds {len(tokens):,} tokens, fewer than one step needs "
+                f"(batch_size*seq_len*world_size+1 = {self.step_tokens + 1:,}): lower "
+                "--batch-size or --seq-len, or make bigger shards (--shard-size)"
+            )
+        return tokens
+
+    def _load(self, shard, pos):
+        self.shard, self.pos = shard, pos
+        self.tokens = self._open(self.files[shard])
+
+    def reset(self):
+        """Back to the start of the first shard (e.g. before each validation pass)."""
+        self._load(0, 0)
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        start = self.pos + self.rank * B * T  # this rank's window within the step
+        buf = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets: the next token of each input
+        self.pos += self.step_tokens
+        if self.pos + self.step_tokens + 1 > len(self.tokens):  # next step won't fit: next shard
+            self._load((self.shard + 1) % len(self.files), 0)
+        return x, y
+
+    def state_dict(self):
+        return {"shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        shard, pos = int(state["shard"]), int(state["pos"])
+        if not 0 <= shard < len(self.files) or pos < 0:
+            raise UserError(
+                f"loader state {state} does not match the {len(self.files)} shards here; "
+                "resume with the data the run started with"
+            )
+        self._load(shard, pos)
+        if self.pos + self.step_tokens + 1 > len(self.tokens):  # e.g. a bigger batch than before
+            self._load((shard + 1) % len(self.files), 0)
