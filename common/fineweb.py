@@ -113,6 +113,8 @@ def local_files(spec):
                 f"--data-files: no file at '{part}'; give existing .jsonl/.parquet files"
             )
         files += found
+    if empty := [f for f in files if os.path.getsize(f) == 0]:
+        raise UserError(f"--data-files: '{empty[0]}' is empty; give files holding documents")
     kinds = set()
     for f in files:
         if re.search(r"\.jsonl?(\.gz)?$", f):
