@@ -1,0 +1,136 @@
+"""ShardLoader: rank-aware batches from uint16 token shards, shard crossing, wrap, resume."""
+
+import numpy as np
+import pytest
+import torch
+
+from common import UserError
+from common.data import ShardLoader
+
+B, T = 2, 4  # 8 tokens per rank per step
+
+
+def make_shards(d, sizes, split="train", prefix="edufineweb", first=1):
+    """Shard i holds 1000*(i+1) + arange(n): a token's value says which shard and position."""
+    d.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(sizes):
+        tokens = (1000 * (i + 1) + np.arange(n)).astype(np.uint16)
+        np.save(d / f"{prefix}_{split}_{first + i:06d}.npy", tokens)
+    return d
+
+
+def where(x):
+    """(shard, position) of a batch's first token."""
+    v = x[0, 0].item()
+    return v // 1000 - 1, v % 1000
+
+
+def test_shift_shapes_and_dtype(tmp_path):
+    loader = ShardLoader(make_shards(tmp_path, [100]), "train", B, T)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+    assert x.flatten().tolist() == list(range(1000, 1008))
+    assert torch.equal(y, x + 1)  # y is x shifted by one token
+    x2, _ = loader.next_batch()
+    assert x2[0, 0].item() == 1008  # consecutive windows, no gap, no overlap
+
+
+def test_ranks_read_disjoint_consecutive_windows(tmp_path):
+    d = make_shards(tmp_path, [200])
+    ranks = [ShardLoader(d, "train", B, T, rank=r, world_size=2) for r in range(2)]
+    starts = {0: [], 1: []}
+    for _ in range(5):
+        for r, loader in enumerate(ranks):
+            x, y = loader.next_batch()
+            assert torch.equal(y, x + 1)
+            starts[r].append(where(x)[1])
+    assert starts[0] == [0, 16, 32, 48, 64] and starts[1] == [8, 24, 40, 56, 72]
+    assert not set(starts[0]) & set(starts[1])  # no window read by both ranks
+    union = sorted(starts[0] + starts[1])
+    assert union == list(range(0, 80, B * T))  # together: one long run of windows
+    # the two ranks' tokens together equal what one process reads with twice the batch
+    one = ShardLoader(d, "train", 2 * B, T)
+    [loader.reset() for loader in ranks]
+    for _ in range(3):
+        x0, x1, x = ranks[0].next_batch()[0], ranks[1].next_batch()[0], one.next_batch()[0]
+        assert torch.equal(torch.cat([x0, x1]), x)
+
+
+def test_crosses_shards_and_wraps(tmp_path):
+    # shard sizes 30 and 20 with 8 tokens a step: shard 0 serves 3 steps (0, 8, 16; a 4th
+    # would need token 32), shard 1 serves 2 (0, 8), then back to shard 0
+    loader = ShardLoader(make_shards(tmp_path, [30, 20]), "train", B, T)
+    seen = [where(loader.next_batch()[0]) for _ in range(7)]
+    assert seen == [(0, 0), (0, 8), (0, 16), (1, 0), (1, 8), (0, 0), (0, 8)]
+
+
+def test_state_dict_resumes_exactly(tmp_path):
+    d = make_shards(tmp_path, [41, 27, 33])
+    for world_size in (1, 2):
+        for stop in range(0, 9):
+            a = [ShardLoader(d, "train", B, T, r, world_size) for r in range(world_size)]
+            for _ in range(stop):
+                [loader.next_batch() for loader in a]
+            states = [loader.state_dict() for loader in a]
+            assert states[0] == states[-1] and set(states[0]) == {"shard", "pos"}
+            b = [ShardLoader(d, "train", B, T, r, world_size) for r in range(world_size)]
+            for loader, state in zip(b, states):
+                loader.load_state_dict(dict(state))
+            for _ in range(10):  # through shard ends and the wrap
+                for la, lb in zip(a, b):
+                    xa, ya = la.next_batch()
+                    xb, yb = lb.next_batch()
+                    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_reset_and_splits(tmp_path):
+    make_shards(tmp_path, [50], split="val", first=0)
+    make_shards(tmp_path, [50, 50], split="train")
+    val = ShardLoader(tmp_path, "val", B, T)
+    assert len(val.files) == 1 and val.files[0].name == "edufineweb_val_000000.npy"
+    first = val.next_batch()[0]
+    val.next_batch()
+    val.reset()
+    assert torch.equal(val.next_batch()[0], first)  # a validation pass starts over
+    train = ShardLoader(tmp_path, "train", B, T)
+    assert [p.name for p in train.files] == [
+        "edufineweb_train_000001.npy", "edufineweb_train_000002.npy"
+    ]  # fmt: skip
+
+
+def test_errors(tmp_path):
+    with pytest.raises(UserError, match="data dir not found.*common.fineweb"):
+        ShardLoader(tmp_path / "nope", "train", B, T)
+    make_shards(tmp_path / "v", [50], split="val", first=0)
+    with pytest.raises(UserError, match="no 'train' shards"):
+        ShardLoader(tmp_path / "v", "train", B, T)
+
+    d = make_shards(tmp_path / "bad", [50, 50])
+    (d / "edufineweb_train_000002.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(UserError, match="cannot read shard .*edufineweb_train_000002.npy"):
+        ShardLoader(d, "train", B, T)
+    good = (d / "edufineweb_train_000001.npy").read_bytes()
+    (d / "edufineweb_train_000002.npy").write_bytes(good[:-20])  # cut off: a crashed copy
+    with pytest.raises(UserError, match="cannot read shard .*edufineweb_train_000002.npy"):
+        ShardLoader(d, "train", B, T)
+    np.save(d / "edufineweb_train_000002.npy", np.zeros((10, 10), dtype=np.uint16))
+    with pytest.raises(UserError, match="not a 1-D array"):
+        ShardLoader(d, "train", B, T)
+
+    d = make_shards(tmp_path / "small", [50, 16])  # one step needs 8*2+1 = 17 tokens
+    with pytest.raises(UserError, match="edufineweb_train_000002.npy holds 16 tokens"):
+        ShardLoader(d, "train", B, T, rank=1, world_size=2)
+    ShardLoader(d, "train", B, T)  # 16 tokens are enough for one rank (needs 9)
+
+    loader = ShardLoader(d, "train", B, T)
+    with pytest.raises(UserError, match="does not match the 2 shards"):
+        loader.load_state_dict({"shard": 5, "pos": 0})
+
+
+def test_state_from_a_bigger_step_moves_on(tmp_path):
+    """A saved position that no longer leaves room for a step (the batch grew on resume)
+    goes to the next shard, as next_batch would have."""
+    loader = ShardLoader(make_shards(tmp_path, [40, 40]), "train", B, T)
+    loader.load_state_dict({"shard": 0, "pos": 32})  # 32 + 8 + 1 > 40
+    assert loader.state_dict() == {"shard": 1, "pos": 0}
+    assert where(loader.next_batch()[0]) == (1, 0)
