@@ -52,7 +52,10 @@ def parse_args(Config, argv=None):
         flag = "--" + f.name.replace("_", "-")
         text = f"{helps.get(f.name, '')} (default: {default})".strip()
         if kind is bool:
-            parser.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=text)
+            # `--flag` alone means true; `--flag false` switches a default-on feature off
+            parser.add_argument(
+                flag, type=_bool, nargs="?", const=True, default=default, metavar="BOOL", help=text
+            )
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) else kind  # Optional[X]
             parser.add_argument(flag, type=base, default=default, help=text)
