@@ -49,9 +49,7 @@ from common.data import EOT, get_tokenizer
 
 @dataclass
 class Config:
-    dataset: str = (
-        "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset to read (ignored with --data-files)
-    )
+    dataset: str = "HuggingFaceFW/fineweb-edu"  # hub dataset to read (unused with --data-files)
     name: str = "sample-10BT"  # the dataset's config (subset) name; empty for none
     split: str = "train"  # the dataset split to read
     data_files: str = ""  # local .jsonl/.json/.parquet files instead (comma separated, globs ok)
@@ -67,19 +65,23 @@ class Config:
 # --- tokenizing (runs in the worker processes) ---------------------------------------------
 
 
-def tokenize_doc(enc, text):
-    """One document -> uint16 tokens [EOT, *text tokens]: the EOT marks where it starts."""
-    tokens = np.array([EOT, *enc.encode_ordinary(text)], dtype=np.int64)
+def tokenize_batch(texts):
+    """A list of texts -> (tokens, ends): each text as [EOT, *its tokens] (the EOT marks where
+    a document starts), all back to back as one uint16 array, and where each one ends.
+
+    One flat array crosses between processes far faster than an array per document. The
+    function is top-level so a pool can pickle it; tiktoken keeps the loaded encoding per
+    process, so get_tokenizer() here is cheap."""
+    enc = get_tokenizer()
+    tokens, ends = [], []
+    for text in texts:
+        tokens.append(EOT)
+        tokens.extend(enc.encode_ordinary(text))
+        ends.append(len(tokens))
+    tokens = np.array(tokens, dtype=np.int64)
     if tokens.max() >= 2**16:  # uint16 holds 0..65535; gpt2's 50257 ids fit, other BPEs may not
         raise UserError(f"token id {tokens.max()} does not fit uint16; shards need a vocab < 65536")
-    return tokens.astype(np.uint16)
-
-
-def tokenize_batch(texts):
-    """A list of texts -> a list of token arrays, in order. Top-level so a pool can pickle it;
-    tiktoken caches the loaded encoding per process, so get_tokenizer() is cheap here."""
-    enc = get_tokenizer()
-    return [tokenize_doc(enc, t) for t in texts]
+    return tokens.astype(np.uint16), ends
 
 
 def token_batches(text_batches, pool=None, in_flight=4):
@@ -299,11 +301,13 @@ def main(cfg):
     t0 = time.perf_counter()
     # the pool starts before the source opens any reader threads: forking is safe then
     pool = multiprocessing.Pool(workers) if workers > 1 else None
-    bar = tqdm(total=cfg.max_tokens or None, initial=total, unit="tok", unit_scale=True)
+    bar = None
     try:
         texts = text_batches(open_source(cfg), cfg.text_column, skip=doc)
-        for docs in token_batches(texts, pool, in_flight=2 * workers):
-            for tokens in docs:
+        bar = tqdm(total=cfg.max_tokens or None, initial=total, unit="tok", unit_scale=True)
+        for flat, ends in token_batches(texts, pool, in_flight=2 * workers):
+            for begin, end in zip([0, *ends], ends):
+                tokens = flat[begin:end]  # one document: [EOT, *its tokens]
                 pos, offset = offset, 0  # on resume, the first document's head is already out
                 while pos < len(tokens) and total < budget:
                     n = int(min(cfg.shard_size - fill, len(tokens) - pos, budget - total))
@@ -327,7 +331,8 @@ def main(cfg):
     finally:
         if pool is not None:
             pool.terminate()  # also when stopping early or on an error: no stray workers
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     if total == 0:
         raise UserError("the dataset has no documents; check --data-files / --dataset / --split")
