@@ -64,18 +64,26 @@ class CausalSelfAttention(nn.Module):
             "mask", mask.view(1, 1, config.block_size, config.block_size), persistent=False
         )
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs): every head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:  # sampling: the new keys/values join the cached ones
+            k, v = cache.update(self, k, v)  # (B, nh, L, hs), L = cached + T
+        L = k.size(2)  # keys to attend over; the T queries are the last T of these positions
         if self.impl == "sdpa":  # stage 05: one fused kernel, the TxT matrix never hits memory
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if T == L or T == 1:  # sampling: one new query may see every cached key, no mask
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T == L)
+            else:  # sampling: several queries after a cache: the causal mask, shifted
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=self.mask[:, :, L - T : L, :L]
+                )
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-            att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))  # no peeking ahead
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, L)
+            att = att.masked_fill(~self.mask[:, :, L - T : L, :L], float("-inf"))  # no peeking
             att = F.softmax(att, dim=-1)
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -104,8 +112,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # tokens communicate
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)  # tokens communicate
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -140,16 +148,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         B, T = idx.size()
-        if T > self.config.block_size:
+        start = 0 if cache is None else cache.pos  # sampling: positions go on after the cache
+        if start + T > self.config.block_size:
             raise UserError(
-                f"sequence length {T} exceeds block_size {self.config.block_size}: lower --seq-len"
+                f"sequence length {start + T} exceeds block_size {self.config.block_size}: "
+                "lower --seq-len"
             )
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
@@ -163,23 +175,48 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if exclude_embeddings else n
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens after idx (B, T); a seeded torch.Generator makes it repeatable."""
-        if idx.size(1) + max_new_tokens > self.config.block_size:
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                 top_p=None, eos=None, use_cache=True):  # fmt: skip
+        """Sample up to max_new_tokens after idx (B, T) -> (B, T + n); a seeded torch.Generator
+        makes it repeatable. Arguments as in `stream`; rows that ended with `eos` are padded
+        with it, and the result is shorter when every row ended early."""
+        args = (temperature, top_k, generator, top_p, eos, use_cache)
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, *args)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+               top_p=None, eos=None, use_cache=True):  # fmt: skip
+        """sampling: yield the next token of every row, (B, 1), as soon as it is drawn.
+
+        temperature 0 is greedy; top_k / top_p keep the k most likely tokens / the smallest
+        set holding probability p. With use_cache the prompt is read once and each new token
+        costs one position; rows that share one prompt (several samples) read it once, at
+        batch 1. A row that emits `eos` emits it again until every row has, then it stops."""
+        B, T = idx.size()
+        if T + max_new_tokens > self.config.block_size:
             raise UserError(
-                f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceeds "
+                f"prompt ({T}) + new tokens ({max_new_tokens}) exceeds "
                 f"block_size {self.config.block_size}: ask for fewer tokens"
             )
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-8)  # (B, vocab) last position
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+        cache = KVCache(T + max_new_tokens) if use_cache else None
+        shared = use_cache and B > 1 and bool((idx == idx[:1]).all())
+        logits, _ = self(idx[:1] if shared else idx, cache=cache)  # the prompt, once
+        if shared:
+            cache.expand(B)  # every row continues from the same keys/values
+        x, done = idx, torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            if step > 0:  # one position with a cache; the whole sequence again without one
+                logits, _ = self(x, cache=cache)
+            # stage 05 pads the vocab to 50304: those rows are no tokens, never draw them
+            logits = logits[:, -1, :GPT2_VOCAB].expand(B, -1)  # (B, vocab) last position
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, eos)  # a finished row stays finished
+                done = done | (nxt == eos)
+            yield nxt
+            if eos is not None and done.all():
+                return
+            x = nxt if use_cache else torch.cat((x, nxt), dim=1)
 
     # --- Hugging Face interchange -------------------------------------------------------
 
@@ -252,3 +289,58 @@ CONV1D_WEIGHTS = (
     "mlp.c_fc.weight",
     "mlp.c_proj.weight",
 )
+
+
+# --- sampling: the KV cache and the token filters behind GPT.stream / GPT.generate ----------
+
+GPT2_VOCAB = 50257  # real tokens; rows past this in a padded vocab (stage 05) are never drawn
+
+
+class KVCache:
+    """sampling: every layer's keys and values so far, so a new token costs one position.
+
+    Buffers (B, nh, max_len, hs) are made on a layer's first write, in the dtype of its k and
+    v (bf16 under autocast). `pos` counts the positions filled; GPT.forward advances it."""
+
+    def __init__(self, max_len):
+        self.max_len, self.pos, self.kv = max_len, 0, {}  # kv: attention module -> (k, v)
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nh, T, hs) after the cached positions; return all of them so far."""
+        if layer not in self.kv:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+        ck, cv = self.kv[layer]
+        end = self.pos + k.size(2)
+        ck[:, :, self.pos : end], cv[:, :, self.pos : end] = k, v
+        return ck[:, :, :end], cv[:, :, :end]
+
+    def expand(self, batch_size):
+        """A batch-1 cache (a prompt read once) -> batch_size independent copies."""
+        self.kv = {m: (k.repeat(batch_size, 1, 1, 1), v.repeat(batch_size, 1, 1, 1))
+                   for m, (k, v) in self.kv.items()}  # fmt: skip
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """sampling: (B, V) logits / temperature, -inf for every token top_k or top_p rules out."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token once the more likely ones before it already hold p: the smallest set
+        # whose mass reaches p is kept (the most likely token always is)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop.scatter(-1, order, drop)  # back from sorted order to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """sampling: one token per row, (B, V) logits -> (B, 1); temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
