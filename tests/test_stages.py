@@ -124,6 +124,8 @@ DIFF_BUDGET = {
     ("01_hf_eval", "02_overfit_batch"): 110,
     ("02_overfit_batch", "03_dataloader"): 40,
     ("03_dataloader", "04_best_practices"): 40,
+    ("04_best_practices", "05_speedups"): 170,  # five switches, their benchmark, --compare-hf
+    ("05_speedups", "06_hyperparams"): 150,  # drops 05's benchmark, adds the GPT-3 recipe
 }
 
 

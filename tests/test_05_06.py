@@ -1,0 +1,161 @@
+"""Stage 05 (speedups, benchmark, --compare-hf) and stage 06 (GPT-3 hyperparameters)."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import load_stage, run_script
+from test_stages import STEP_RE, tiny
+
+from common import UserError
+from common.model import GPT, GPTConfig
+from common.train import lr_at, make_optimizer, param_groups
+
+
+@pytest.fixture(scope="module")
+def s05():
+    return load_stage("05_speedups")
+
+
+@pytest.fixture(scope="module")
+def s06():
+    return load_stage("06_hyperparams")
+
+
+def test_05_benchmark_has_every_row(s05, shakespeare, tmp_path):
+    """The whole table on CPU, torch.compile included (~30 s of compilation)."""
+    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=32, warmup=1, timed=2, steps=2,
+               json=str(tmp_path / "bench.json"))  # fmt: skip
+    out = s05.main(cfg)
+    rows = {r["name"]: r for r in out["benchmark"]["rows"]}
+    assert list(rows) == list(s05.ROWS)
+    assert rows["tf32"]["status"] == "n/a" and "CUDA" in rows["tf32"]["reason"]
+    for name in ("fp32", "bf16", "flash", "vocab", "compile"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["mfu"] is None  # CPU without --measure-peak: no made-up MFU
+    assert rows["fp32"]["vs_base"] == 1.0 and rows["fp32"]["vs_prev"] is None
+    assert rows["bf16"]["vs_prev"] == pytest.approx(
+        rows["bf16"]["tokens_per_s"] / rows["fp32"]["tokens_per_s"]
+    )
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == list(s05.ROWS)
+    assert saved["torch"] == torch.__version__ and saved["hardware"]
+
+
+def test_05_compare_hf_and_measured_peak(s05, shakespeare):
+    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=32, warmup=1, timed=2, steps=1,
+               only="flash", compare_hf=True, measure_peak=True)  # fmt: skip
+    rows = s05.main(cfg)["benchmark"]["rows"]
+    assert [r["name"] for r in rows] == ["flash", "hf flash"]
+    hf = rows[1]
+    assert hf["ours_over_hf"] == pytest.approx(rows[0]["tokens_per_s"] / hf["tokens_per_s"])
+    assert 0 < rows[0]["mfu"] < 1  # against the matmul peak measured in the same run
+
+
+def test_05_fp32_training_matches_stage_04(s05, shakespeare):
+    """The speedups change speed, not the math: the fp32 row trains exactly like stage 04."""
+    s04 = load_stage("04_best_practices")
+    a = s04.main(tiny(s04, input=str(shakespeare), steps=4))["losses"]
+    b = s05.main(tiny(s05, input=str(shakespeare), steps=4, speedups="fp32", benchmark=False))
+    assert b["losses"] == pytest.approx(a, abs=1e-5)
+    c = s05.main(tiny(s05, input=str(shakespeare), steps=4, speedups="flash", benchmark=False))
+    assert c["losses"] == pytest.approx(a, abs=0.05)  # bf16 + SDPA: close, not equal
+
+
+def test_05_unknown_row_is_user_error(s05, shakespeare):
+    with pytest.raises(UserError, match="unknown speedup row 'turbo'"):
+        s05.main(tiny(s05, input=str(shakespeare), speedups="turbo", benchmark=False))
+
+
+def test_05_cli_json(cache_env, tmp_path):
+    r = run_script(["05_speedups.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
+                    "--steps", "2", "--only", "bf16", "--warmup", "1", "--timed", "2",
+                    "--json", str(tmp_path / "b.json"), "--speedups", "bf16"], env=cache_env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "bf16" in r.stdout and "tok/s" in r.stdout and "torch " + torch.__version__ in r.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["name"] == "bf16"
+
+
+# ---- stage 06 ----------------------------------------------------------------------------
+
+
+def test_lr_schedule_values():
+    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(6e-5)  # 1/10 of the peak
+    assert lr_at(9, **kw) == pytest.approx(6e-4)  # end of warmup: the peak
+    assert lr_at(10, **kw) == pytest.approx(6e-4)  # cosine starts at the peak
+    assert lr_at(60, **kw) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway down the cosine
+    assert lr_at(110, **kw) == pytest.approx(6e-5) and lr_at(500, **kw) == pytest.approx(6e-5)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
+
+
+def test_decay_groups_cover_every_parameter_once():
+    model = GPT(
+        GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16, tie_weights=True)
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # tied wte/lm_head once
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    assert any(names[id(p)] == "transformer.wte.weight" for p in decay["params"])
+    assert all(names[id(p)].endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+               for p in no_decay["params"])  # fmt: skip
+    _, counts = make_optimizer(model, 0.1, 1e-3, "cpu")
+    assert counts["decay"][1] + counts["no_decay"][1] == model.num_params()
+    assert counts["fused"] is False
+
+
+def test_gradient_accumulation_equals_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 97, (8, 16)), torch.randint(0, 97, (8, 16))
+    _, loss = model(x, y)
+    loss.backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for xs, ys in zip(x.chunk(4), y.chunk(4)):  # 4 micro-batches of 2
+        _, loss = model(xs, ys)
+        (loss / 4).backward()
+    for g, p in zip(big, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_clipping_caps_the_norm():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16))
+    _, loss = model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+    (loss * 100).backward()  # a large gradient
+    before = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert before > 1.0 and after == pytest.approx(1.0, rel=1e-4)
+
+
+def test_06_accumulation_matches_one_big_batch(s06, shakespeare):
+    """The script's loop: 2 micro-steps of B=4 take the same steps as 1 of B=8 (same tokens)."""
+    base = tiny(s06, input=str(shakespeare), steps=4, seq_len=32, speedups="fp32")
+    a = s06.main(replace(base, batch_size=4, total_batch=8 * 32))
+    b = s06.main(replace(base, batch_size=8, total_batch=8 * 32))
+    assert a["losses"] == pytest.approx(b["losses"], abs=1e-4)
+    assert a["norms"] == pytest.approx(b["norms"], rel=1e-3)
+
+
+def test_06_trains_and_reports(s06, shakespeare, capsys):
+    out = s06.main(tiny(s06, input=str(shakespeare), steps=16, seq_len=32, total_batch=512))
+    text = capsys.readouterr().out
+    assert "= 2 micro-steps of 8x32" in text  # the CPU preset still accumulates
+    lines = [m for m in map(STEP_RE.match, text.splitlines()) if m]
+    assert len(lines) == 16 and all(m.group(3) and m.group(4) for m in lines)  # lr and norm
+    assert out["final_loss"] < out["losses"][0] - 1.5 and all(map(math.isfinite, out["norms"]))
+    assert "decayed:" in text and "fused AdamW: False" in text
+
+
+def test_06_total_batch_must_divide(s06, shakespeare):
+    with pytest.raises(UserError, match="not a multiple of B\\*T = 512"):
+        s06.main(tiny(s06, input=str(shakespeare), total_batch=1000))
