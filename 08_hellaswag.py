@@ -1,0 +1,120 @@
+"""Stage 08: HellaSwag, the benchmark that says whether a model reached GPT-2's quality.
+
+Each of HellaSwag's 10,042 validation examples is a context and four endings, one of them
+right. A base model cannot read four options and answer "B", so each ending is scored as a
+completion: the cross-entropy of its tokens after the context. acc picks the ending with the
+lowest summed loss, acc_norm the lowest average loss per token (the number to compare with
+the table below; OpenAI's GPT-2 124M scores 0.2955, random guessing 0.25). Many examples go
+through one forward pass, and under torchrun each process scores its share and the counts
+are summed. --compare-hf scores the same examples with transformers' GPT2LMHeadModel on the
+same weights: the two must pick the same endings, example by example.
+
+Run on CPU (the first 50 examples):   python 08_hellaswag.py --model path/to/hf_dir
+OpenAI's GPT-2 on a GPU (all 10,042): python 08_hellaswag.py --model gpt2
+Our checkpoint from stage 07:         python 08_hellaswag.py --ckpt out/ckpt_019072.pt
+On 8 GPUs:                            torchrun --standalone --nproc_per_node=8 08_hellaswag.py --ckpt out
+On CPU in 2 processes (gloo):         torchrun --standalone --nproc_per_node=2 08_hellaswag.py --device cpu --model DIR
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from common.checkpoint import model_from_checkpoint
+from common.cli import parse_args
+from common.hellaswag import REFERENCE, all_reduce, evaluate, load_examples
+from common.model import GPT
+from common.train import seed_all, setup_dist, teardown_dist
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    model: str = "gpt2"  # hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory
+    ckpt: str = ""  # our checkpoint file, or a directory (its newest); used instead of --model
+    split: str = "val"  # val (10,042 examples) or train; test has no labels
+    data: str = ""  # a local HellaSwag jsonl file instead of downloading the split
+    limit: int = 0  # score only the first N examples (0: all)
+    batch_size: int = 16  # examples per forward pass (4 rows each)
+    compare_hf: bool = False  # also score with transformers' GPT2LMHeadModel and compare
+    json: str = ""  # also write the results to this JSON file
+    seed: int = 1337  # the scoring is deterministic; the flag every stage has
+    cpu: ClassVar[dict] = dict(limit=50, batch_size=8)
+
+
+def hf_twin(cfg, model):
+    """transformers' GPT2LMHeadModel with the same weights as `model`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not cfg.ckpt:
+        return GPT2LMHeadModel.from_pretrained(cfg.model)
+    c = model.config
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+            vocab_size=50257, tie_word_embeddings=c.tie_weights,
+        )
+    )  # fmt: skip
+    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
+    return hf
+
+
+def main(cfg):
+    d = setup_dist(cfg.device)
+    say = print if d.master else lambda *a, **k: None  # rank 0 alone prints
+    try:
+        seed_all(cfg.seed)
+        examples = load_examples(cfg.split, cfg.data or None, cfg.limit)
+        if cfg.ckpt:
+            model, ckpt = model_from_checkpoint(cfg.ckpt, d.device)
+            name = f"{cfg.ckpt} (step {ckpt['step']})"
+        else:
+            model, name = GPT.from_pretrained(cfg.model).to(d.device), cfg.model
+        # bf16 on a GPU for speed; fp32 on CPU, and for --compare-hf (bf16 rounding flips near-ties)
+        cuda = d.device.startswith("cuda")
+        amp = torch.bfloat16 if cuda and not cfg.compare_hf else None
+        say(f"scoring {len(examples):,} HellaSwag {cfg.split} examples with {name} on {d.device}"
+            f" ({d.world_size} process{'es' if d.world_size > 1 else ''})")  # fmt: skip
+
+        run = dict(batch_size=cfg.batch_size, rank=d.rank, world_size=d.world_size)
+        res = evaluate(model, examples, d.device, autocast_dtype=amp, details=cfg.compare_hf, **run)
+        say(f"hellaswag {cfg.split}: {res['n']:,} examples | acc {res['acc']:.4f} | "
+            f"acc_norm {res['acc_norm']:.4f} | {res['examples_per_s']:.1f} examples/s")  # fmt: skip
+
+        out = {k: res[k] for k in ("acc", "acc_norm", "n", "correct", "correct_norm", "seconds")}
+        out["examples_per_s"] = res["examples_per_s"]
+        if cfg.compare_hf:
+            hf = hf_twin(cfg, model).to(d.device)
+            ref = evaluate(hf, examples, d.device, details=True, **run)
+            differ = [
+                (a, b) != (c, e)
+                for a, b, c, e in zip(res["pred"], res["pred_norm"], ref["pred"], ref["pred_norm"])
+            ]
+            gap = (res["loss_avg"] - ref["loss_avg"]).abs().max().item() if differ else 0.0
+            n_differ = all_reduce([sum(differ)], d.device)[0]  # over all ranks
+            gap = all_reduce([gap], d.device, op="max")[0]
+            out.update(hf_acc=ref["acc"], hf_acc_norm=ref["acc_norm"], disagree=int(n_differ),
+                       max_loss_diff=gap)  # fmt: skip
+            say(f"transformers GPT2LMHeadModel: acc {ref['acc']:.4f} | acc_norm "
+                f"{ref['acc_norm']:.4f} | predictions that differ: {out['disagree']} of "
+                f"{res['n']:,} | max |loss difference| per ending: {gap:.2e}")  # fmt: skip
+
+        say("reference acc_norm (all 10,042 val examples, this completion-style scoring):")
+        for model_name, acc_norm, source in REFERENCE:
+            say(f"  {model_name:<30} {acc_norm:.4f}  ({source})")
+        say(f"  {'random guessing':<30} {0.25:.4f}")
+        say(f"summary: HellaSwag {cfg.split} acc_norm {res['acc_norm']:.4f} over {res['n']:,} "
+            f"examples ({res['examples_per_s']:.1f} examples/s)")  # fmt: skip
+        if cfg.json and d.master:
+            with open(cfg.json, "w") as f:
+                json.dump(dict(out, config=asdict(cfg), world_size=d.world_size), f, indent=1)
+        return out
+    finally:
+        teardown_dist(d)
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))

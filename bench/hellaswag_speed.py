@@ -1,0 +1,82 @@
+"""HellaSwag scoring speed: batched (many examples per forward pass) vs one example at a time.
+
+The same model and the same synthetic examples (HellaSwag-like lengths: a 20-70 word context,
+four 5-25 word endings, seeded) are scored at each batch size; batch size 1 is the
+one-example-at-a-time method. One untimed warm-up pass first, then the median of --repeats
+timed passes. The predictions must be the same at every batch size, and the script checks it.
+
+CPU (the tiny preset, random weights):  python bench/hellaswag_speed.py
+GPU (GPT-2 124M sizes, bf16):           python bench/hellaswag_speed.py --preset gpt2 --batch-sizes 1,16,64
+"""
+
+import platform
+import random
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from common.cli import parse_args  # noqa: E402
+from common.hellaswag import evaluate  # noqa: E402
+from common.model import GPT, preset_config  # noqa: E402
+from common.train import pick_device, seed_all  # noqa: E402
+
+WORDS = (
+    "the a man woman child dog ball kitchen table water slowly quickly then after he she they "
+    "runs picks up puts down opens closes looks at walks toward holds pours cuts paints large "
+    "small red blue old new house car garden window door floor wall chair cup knife bread"
+).split()
+
+
+def synthetic_examples(n, seed):
+    """n examples in HellaSwag's schema, random words at HellaSwag-like lengths."""
+    rng = random.Random(seed)
+    words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    return [
+        dict(ctx=words(20, 70), endings=[words(5, 25) for _ in range(4)], label=rng.randrange(4))
+        for _ in range(n)
+    ]
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    preset: str = "tiny"  # model size (random weights): tiny, gpt2, ...
+    examples: int = 256  # synthetic examples to score
+    batch_sizes: str = "1,4,8,16"  # examples per forward pass, comma separated; 1 = one at a time
+    repeats: int = 3  # timed passes per batch size (the median is reported)
+    seed: int = 1337  # same seed, same model, same examples
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    seed_all(cfg.seed)
+    model = GPT(preset_config(cfg.preset, tie_weights=True, gpt2_init=True)).to(device)
+    examples = synthetic_examples(cfg.examples, cfg.seed)
+    amp = torch.bfloat16 if device.startswith("cuda") else None  # fp32 on CPU
+    print(f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+          f"{torch.get_num_threads()} threads | device {device} | preset {cfg.preset} | "
+          f"{len(examples)} examples")  # fmt: skip
+    results, preds = {}, {}
+    for bs in [int(s) for s in cfg.batch_sizes.split(",")]:
+        run = lambda: evaluate(model, examples, device, batch_size=bs, autocast_dtype=amp,
+                               details=True)  # fmt: skip
+        preds[bs] = run()["pred_norm"]  # warm-up (allocator, caches), untimed
+        rates = [run()["examples_per_s"] for _ in range(cfg.repeats)]
+        results[bs] = statistics.median(rates)
+        print(f"batch size {bs:3d}: {results[bs]:8.1f} examples/s  (median of {cfg.repeats}: "
+              f"{', '.join(f'{r:.1f}' for r in rates)})")  # fmt: skip
+    same = all(p == preds[min(preds)] for p in preds.values())
+    print(f"same predictions at every batch size: {same}")
+    best = max(results, key=results.get)
+    print(f"summary: batch size {best} scores {results[best] / results[min(results)]:.2f}x "
+          f"the examples/s of batch size {min(results)}")  # fmt: skip
+    return dict(examples_per_s=results, same_predictions=same)
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))

@@ -1,0 +1,265 @@
+"""HellaSwag: download, render, batched completion-style scoring, split across DDP ranks.
+
+Each HellaSwag example is a context ("A man is sitting on a roof. he") and four endings, one
+of them right. A base language model cannot read four options and answer "B", so each ending
+is scored as a completion: the cross-entropy of its tokens after the context. The model's
+choice is the ending it finds most likely:
+    acc       lowest summed loss: favours short endings (fewer tokens, fewer losses to add)
+    acc_norm  lowest average loss per ending token: the number build-nanogpt and llm.c report
+
+Batched: many examples per forward pass (4 rows each, right-padded to the longest row in the
+batch). Causal attention means the padding at the end of a row never reaches the positions
+that are scored, so the batch size changes the speed and nothing else.
+
+Sequences longer than the model's block_size are cropped from the left: the oldest context
+tokens go, the ending is always scored whole (an ending longer than that is an error).
+"""
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+from common.data import EOT, cache_dir, download, get_tokenizer
+
+BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
+SPLITS = ("train", "val", "test")  # val: 10,042 examples; test has no labels
+
+# acc_norm with this scoring (completion style, mean loss over the ending's tokens)
+REFERENCE = (
+    ("GPT-2 124M (OpenAI weights)", 0.2955, "measured by build-nanogpt's hellaswag.py"),
+    ("GPT-2 1558M (OpenAI gpt2-xl)", 0.4893, "measured by build-nanogpt's hellaswag.py"),
+    ("GPT-3 125M", 0.337, "published zero-shot, Brown et al. 2020"),
+)
+
+
+def download_split(split="val", base_url=BASE_URL, cache=None):
+    """hellaswag_{split}.jsonl from the HellaSwag repository, downloaded into the cache once."""
+    if split not in SPLITS:
+        raise UserError(f"unknown HellaSwag split '{split}': use {', '.join(SPLITS)}")
+    name = f"hellaswag_{split}.jsonl"
+    return download(f"{base_url}/{name}", Path(cache or cache_dir() / "hellaswag") / name)
+
+
+def read_examples(path, limit=0):
+    """The examples of a HellaSwag jsonl file (the first `limit` when limit > 0), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HellaSwag file not found: {path} (omit --data to download the split)")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ok = isinstance(ex["ctx"], str) and len(ex["endings"]) == 4
+                ok = ok and all(isinstance(e, str) for e in ex["endings"])
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise UserError(
+                    f"line {n} of {path} is not a HellaSwag example (ctx, 4 endings, label): "
+                    "delete the file to download it again, or fix it"
+                )
+            label = ex.get("label")  # the test split has none
+            examples.append(dict(ex, label=None if label in (None, "") else int(label)))
+            if limit and len(examples) == limit:
+                break
+    if not examples:
+        raise UserError(f"no HellaSwag examples in {path}")
+    return examples
+
+
+def load_examples(split="val", path=None, limit=0, base_url=BASE_URL):
+    """A local jsonl file when `path` is given, else the split (downloaded once)."""
+    return read_examples(path or download_split(split, base_url), limit)
+
+
+def render_example(example, enc):
+    """One example -> tokens (4, T) int64, mask (4, T) bool, label.
+
+    Row i is the context's tokens followed by ending i's tokens, right-padded to the longest
+    row; mask is True exactly on ending i's tokens, the only positions that are scored."""
+    ctx = enc.encode_ordinary(example["ctx"]) or [EOT]  # an empty context: a document start
+    # " " + ending: GPT-2's BPE glues a word's leading space to the word (" pair", not "pair")
+    ends = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    T = len(ctx) + max(len(e) for e in ends)
+    tokens = torch.full((4, T), EOT, dtype=torch.long)
+    mask = torch.zeros((4, T), dtype=torch.bool)
+    for i, end in enumerate(ends):
+        n = len(ctx) + len(end)
+        tokens[i, :n] = torch.tensor(ctx + end)
+        mask[i, len(ctx) : n] = True
+    return tokens, mask, example["label"]
+
+
+def collate(rendered, block_size=None):
+    """Rendered examples -> one batch: tokens (4B, T), mask (4B, T), right-padded.
+
+    A row longer than block_size loses its oldest context tokens (cropped from the left)."""
+    rows = []
+    for tokens, mask, _ in rendered:
+        for t, m in zip(tokens, mask):
+            n = int(m.nonzero().max()) + 1  # the row's own length: its ending is last
+            t, m = t[:n], m[:n]
+            if block_size and n > block_size:
+                if int(m.sum()) >= block_size:  # the first ending token needs one token before it
+                    raise UserError(
+                        f"a HellaSwag ending of {int(m.sum())} tokens does not fit the model's "
+                        f"block_size {block_size}: use a model with a longer context"
+                    )
+                t, m = t[-block_size:], m[-block_size:]
+            rows.append((t, m))
+    T = max(len(t) for t, _ in rows)
+    tokens = torch.full((len(rows), T), EOT, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for r, (t, m) in enumerate(rows):
+        tokens[r, : len(t)], mask[r, : len(m)] = t, m
+    return tokens, mask
+
+
+def logits_of(model, idx):
+    """Logits from our GPT ((logits, loss)), a transformers model (.logits) or a plain callable."""
+    out = model(idx)
+    if isinstance(out, tuple):
+        out = out[0]
+    return getattr(out, "logits", out)
+
+
+def completion_logits(model, tokens, mask):
+    """Logits (M, V) at the M positions whose next token is scored, in row-major order.
+
+    The vocabulary projection is the biggest matmul of a small model, and every logit of the
+    context would be thrown away; so while the model runs, a hook hands its lm_head (ours
+    and transformers' GPT-2 have one) only the hidden states of the scored positions."""
+    scored = mask[:, 1:]  # (R, T-1): the logits at position t predict the token at t + 1
+    head = getattr(model, "lm_head", None)
+    hook = None
+    if isinstance(head, torch.nn.Module):  # x: (R, T, C) -> (M, C)
+        hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][scored],))
+    try:
+        logits = logits_of(model, tokens)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if logits.dim() == 3:  # no lm_head to hook (a plain callable): (R, T, V) -> (M, V)
+        logits = logits[:, :-1][scored]
+    return logits
+
+
+def completion_losses(logits, tokens, mask, vocab_size=EOT + 1):
+    """Cross-entropy of each row's masked tokens: summed (R,) and mean per token (R,).
+
+    logits: (M, V) from completion_logits, V >= vocab_size. Ids from vocab_size up (stage 05
+    pads the vocab to 50304) are not tokens, so they are left out of the softmax, as the HF
+    export leaves them out."""
+    scored = mask[:, 1:]
+    targets = tokens[:, 1:][scored]  # (M,)
+    losses = F.cross_entropy(logits[:, :vocab_size].float(), targets, reduction="none")  # (M,)
+    per_token = torch.zeros(scored.shape, dtype=losses.dtype, device=losses.device)
+    per_token[scored] = losses
+    sums = per_token.sum(dim=1)
+    return sums, sums / scored.sum(dim=1)
+
+
+def model_block_size(model):
+    """The longest sequence a model takes (ours: block_size, transformers: n_positions), or None."""
+    config = getattr(model, "config", None)
+    return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
+
+
+def all_reduce(values, device, op="sum"):
+    """Numbers summed (or maxed) over all ranks; the numbers themselves without torch.distributed."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    examples,
+    device,
+    batch_size=16,
+    rank=0,
+    world_size=1,
+    autocast_dtype=None,
+    block_size=None,
+    details=False,
+):
+    """Score HellaSwag examples; the counts are summed over all ranks.
+
+    model: our GPT, a transformers GPT2LMHeadModel, or any callable idx (B, T) -> logits.
+    A module is put in eval mode for the call only. Rank r scores examples r, r + world_size,
+    ... so every rank must call this. Returns acc, acc_norm, n, correct, correct_norm, seconds,
+    examples_per_s; with details=True also this rank's share example by example: indices, labels,
+    loss_sum and loss_avg (n_local, 4), pred, pred_norm."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if any(ex["label"] is None for ex in examples):
+        raise UserError("these HellaSwag examples have no labels (the test split): use val")
+    enc = get_tokenizer()
+    block_size = block_size or model_block_size(model)
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"  # autocast wants no index
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+
+    mine = range(rank, len(examples), world_size)  # this rank's share
+    rendered = {i: render_example(examples[i], enc) for i in mine}
+    # longest first: similar lengths share a batch (little padding); a too-big batch fails at once
+    order = sorted(mine, key=lambda i: -rendered[i][0].size(1))
+    loss_sum, loss_avg = {}, {}
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            tokens, mask = collate([rendered[i] for i in batch], block_size)
+            tokens, mask = tokens.to(device), mask.to(device)
+            with amp:
+                logits = completion_logits(model, tokens, mask)  # (M, V)
+            sums, avgs = completion_losses(logits, tokens, mask)
+            for k, i in enumerate(batch):  # rows 4k .. 4k+3 are example i's endings
+                loss_sum[i], loss_avg[i] = (
+                    sums[4 * k : 4 * k + 4].cpu(),
+                    avgs[4 * k : 4 * k + 4].cpu(),
+                )
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+
+    idx = sorted(loss_sum)
+    labels = torch.tensor([rendered[i][2] for i in idx], dtype=torch.long)
+    sums = torch.stack([loss_sum[i] for i in idx]) if idx else torch.zeros(0, 4)  # (n_local, 4)
+    avgs = torch.stack([loss_avg[i] for i in idx]) if idx else torch.zeros(0, 4)
+    pred, pred_norm = sums.argmin(dim=1), avgs.argmin(dim=1)
+    correct, correct_norm, n = all_reduce(
+        [(pred == labels).sum().item(), (pred_norm == labels).sum().item(), len(idx)], device
+    )
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    (seconds,) = all_reduce([time.perf_counter() - t0], device, op="max")  # the slowest rank
+    result = dict(
+        acc=correct / max(n, 1),
+        acc_norm=correct_norm / max(n, 1),
+        n=int(n),
+        correct=int(correct),
+        correct_norm=int(correct_norm),
+        seconds=seconds,
+        examples_per_s=n / seconds,
+    )
+    if details:
+        result.update(indices=idx, labels=labels.tolist(), loss_sum=sums, loss_avg=avgs,
+                      pred=pred.tolist(), pred_norm=pred_norm.tolist())  # fmt: skip
+    return result
