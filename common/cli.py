@@ -50,7 +50,7 @@ def parse_args(Config, argv=None):
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         if kind is bool:
             # `--flag` alone means true; `--flag false` switches a default-on feature off
             parser.add_argument(
