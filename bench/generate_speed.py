@@ -1,0 +1,114 @@
+"""Generation speed: our KV cache vs no cache vs transformers' generate, on the same weights.
+
+A random model (no download) of a preset's size; batch B, a short prompt, N new tokens,
+greedy so that all three produce the same tokens (checked and printed). Each variant runs
+once to warm up, then --repeats times; the median wall time gives tokens/s (B * N / t).
+
+    python bench/generate_speed.py                                   # tiny preset, CPU
+    python bench/generate_speed.py --preset gpt2 --repeats 1         # 124M on CPU (minutes)
+    python bench/generate_speed.py --device cuda --preset gpt2 --dtype bfloat16 --json gen.json
+"""
+
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from common.cli import parse_args  # noqa: E402
+from common.export import to_hf  # noqa: E402
+from common.model import GPT, preset_config  # noqa: E402
+from common.train import pick_device, synchronize  # noqa: E402
+
+
+@dataclass
+class Config:
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps, auto
+    preset: str = "tiny"  # model size: tiny, gpt2, ... (random weights)
+    block_size: int = 512  # context length of the model (prompt + new tokens must fit)
+    batch_size: int = 1  # sequences generated together
+    prompt_len: int = 16  # prompt tokens
+    new_tokens: int = 256  # tokens generated per sequence
+    repeats: int = 3  # timed runs per variant (median reported)
+    dtype: str = "float32"  # float32, or bfloat16 (autocast, as the sampling CLI on CUDA)
+    attn: str = "sdpa"  # attention implementation: manual or sdpa
+    uncached: bool = True  # also time our generate without the KV cache
+    hf: bool = True  # also time transformers' generate (use_cache=True)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    seed: int = 0  # weights and prompt
+    json: str = ""  # write the results to this JSON file
+
+
+def timed(fn, device, repeats):
+    """Warm up once, then the median of `repeats` timed calls; returns (seconds, last output)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(device)  # queued GPU work counts: wait before reading the clock
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    config = preset_config(cfg.preset, block_size=cfg.block_size, tie_weights=True,
+                           gpt2_init=True, attn=cfg.attn)  # fmt: skip
+    model = GPT(config).to(device).eval()
+    hf = to_hf(model).to(device) if cfg.hf else None
+    B, N = cfg.batch_size, cfg.new_tokens
+    prompt = torch.randint(0, 50257, (B, cfg.prompt_len), device=device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else None
+    env = (f"torch {torch.__version__}, {device} "
+           f"({torch.cuda.get_device_name(device) if device.startswith('cuda') else platform.processor() or platform.machine()}), "
+           f"{torch.get_num_threads()} threads, {cfg.dtype}")  # fmt: skip
+    print(f"{cfg.preset} ({model.num_params():,} params, block {cfg.block_size}, {cfg.attn}); "
+          f"batch {B}, prompt {cfg.prompt_len}, {N} new tokens, greedy; {env}")  # fmt: skip
+
+    variants = {"ours, KV cache": lambda: model.generate(prompt, N, temperature=0)}
+    if cfg.uncached:
+        variants["ours, no cache"] = lambda: model.generate(
+            prompt, N, temperature=0, use_cache=False
+        )
+    if hf is not None:  # min_new_tokens: a random model may say <|endoftext|>; never stop early
+        variants["transformers generate"] = lambda: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, min_new_tokens=N,
+            do_sample=False, use_cache=True, pad_token_id=0,
+        )  # fmt: skip
+    results, outputs = {}, {}
+    with torch.no_grad(), amp or nullcontext():
+        for name, fn in variants.items():
+            t, outputs[name] = timed(fn, device, cfg.repeats)
+            results[name] = dict(seconds=t, tokens_per_s=B * N / t, ms_per_token=1000 * t / N)
+    ref = outputs["ours, KV cache"]
+    for name, r in results.items():
+        same = torch.equal(outputs[name].cpu(), ref.cpu())
+        r["same_tokens_as_kv_cache"] = same
+        print(f"{name:24s} {r['tokens_per_s']:10,.1f} tok/s  {r['ms_per_token']:8.2f} ms/token"
+              f"  {r['seconds']:7.2f}s  same tokens: {same}")  # fmt: skip
+    fast = results["ours, KV cache"]["tokens_per_s"]
+    for name in results:
+        if name != "ours, KV cache":
+            print(f"KV cache vs {name}: {fast / results[name]['tokens_per_s']:.2f}x")
+    if cfg.json:
+        record = dict(config=asdict(cfg), env=env, params=model.num_params(), results=results)
+        Path(cfg.json).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {cfg.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))
