@@ -35,7 +35,7 @@ class Config:
 def read_metrics(path):
     """metrics.jsonl -> {"train": [...], "val": [...], "hellaswag": [...]} of dicts by step."""
     path = Path(path)
-    if path.is_dir():
+    if not path.is_file() and path.suffix != ".jsonl":  # a run directory (given or meant)
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics file at {path}: train with stage 07 first, or give its --out")
