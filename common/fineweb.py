@@ -313,7 +313,6 @@ def main(cfg):
                     n = int(min(cfg.shard_size - fill, len(tokens) - pos, budget - total))
                     buf[fill : fill + n] = tokens[pos : pos + n]
                     fill, pos, total = fill + n, pos + n, total + n
-                    bar.update(n)
                     if fill == cfg.shard_size:  # full: write it and record where the source is
                         write_shard(shard_path(out_dir, cfg.prefix, index), buf)
                         whole = pos == len(tokens)  # did this document end with the shard?
@@ -325,6 +324,7 @@ def main(cfg):
                 doc += pos == len(tokens)
                 if total >= budget:
                     break
+            bar.update(total - bar.n)  # once a batch: cheaper than once a document
             if total >= budget:
                 exhausted = False  # stopped at --max-tokens, not at the end of the source
                 break
