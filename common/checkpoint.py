@@ -58,9 +58,13 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign file
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it complete?")
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no model/model_config)")
+    state["path"] = str(path)
+    return state
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -69,3 +73,27 @@ def model_from_checkpoint(path, device="cpu"):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+def rng_state():
+    """Every random number generator a run touches: python, numpy, torch (CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

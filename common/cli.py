@@ -8,6 +8,8 @@
 `cpu` holds the defaults used when no CUDA GPU is found and no --preset was given (or the
 CPU preset is named), so `python NN_stage.py` finishes quickly on a laptop while
 `--preset gpt2` forces the real thing. Flags given on the command line always win.
+`consts` (optional) names flags that may stand alone: consts = {"resume": "latest"} makes
+`--resume` mean `--resume latest`.
 """
 
 import argparse
@@ -56,6 +58,9 @@ def parse_args(Config, argv=None):
             parser.add_argument(
                 flag, type=_bool, nargs="?", const=True, default=default, metavar="BOOL", help=text
             )
+        elif f.name in getattr(Config, "consts", {}):  # `--resume` alone = consts["resume"]
+            const = Config.consts[f.name]
+            parser.add_argument(flag, nargs="?", const=const, default=default, help=text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) else kind  # Optional[X]
             parser.add_argument(flag, type=base, default=default, help=text)

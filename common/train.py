@@ -1,9 +1,11 @@
 """Training plumbing the stages share: device pick, seeding, the step line, DDP setup."""
 
+import json
 import math
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,3 +130,29 @@ def make_optimizer(model, weight_decay, lr, device, betas=(0.9, 0.95), eps=1e-8)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     counts = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in groups]
     return optimizer, dict(decay=counts[0], no_decay=counts[1], fused=fused)
+
+
+class MetricsLog:
+    """`{out}/metrics.jsonl`: one JSON object per line (step, split, loss, lr, norm, dt, ...).
+
+    On resume from step s, lines of steps >= s (written after that checkpoint by the run
+    that died) are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out, resume_step=0):
+        self.path = Path(out) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] < resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError):  # a half-written last line of a killed run
+                    pass
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, **record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

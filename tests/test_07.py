@@ -1,0 +1,168 @@
+"""Stage 07: shards -> training with validation, samples, checkpoints, exact resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import ROOT, load_stage
+
+from common import UserError
+from common.checkpoint import list_checkpoints, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, shakespeare):
+    """Token shards made from tiny shakespeare's paragraphs by the real prep code."""
+    from common import fineweb
+
+    tmp = tmp_path_factory.mktemp("shards")
+    docs = [d for d in shakespeare.read_text().split("\n\n") if d.strip()]
+    with open(tmp / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    fineweb.main(fineweb.Config(data_files=str(tmp / "docs.jsonl"), out_dir=str(tmp / "data"),
+                                shard_size=60_000, workers=1))  # fmt: skip
+    return tmp / "data"
+
+
+@pytest.fixture(scope="module")
+def s07():
+    return load_stage("07_ddp_fineweb")
+
+
+def small(stage, shards, out, **kw):
+    """CPU settings small enough for a test: B=4, T=32, 2 micro-steps of 128 tokens."""
+    cfg = replace(stage.Config(device="cpu"), **stage.Config.cpu)
+    base = dict(data_dir=str(shards), out=str(out), batch_size=4, seq_len=32, total_batch=256,
+                steps=6, warmup_steps=2, val_every=3, val_steps=2, sample_every=3, ckpt_every=3)  # fmt: skip
+    return replace(cfg, **{**base, **kw})
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_07_trains_validates_samples_and_saves(s07, shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    res = s07.main(small(s07, shards, out))
+    text = capsys.readouterr().out
+    assert res["accum_steps"] == 2 and sorted(res["losses"]) == list(range(6))
+    assert res["losses"][5] < res["losses"][0]
+    assert sorted(res["val_losses"]) == [0, 3, 5]  # every 3 steps and at the end
+    assert (
+        text.count("sample: \"Hello, I'm a language model,")
+        + text.count("sample: 'Hello, I'm a language model,")
+        == 8
+    )  # 4 samples at step 3 and 4 at the end
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_000003.pt", "ckpt_000006.pt"]
+    ckpt = load_checkpoint(out / "ckpt_000006.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["steps"] == 6
+    assert {"optimizer", "loader", "rng", "model_config"} <= set(ckpt)
+    assert not any(k.startswith(("_orig_mod", "module")) for k in ckpt["model"])  # clean names
+    rows = read_metrics(out)
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(6))
+    assert {"loss", "lr", "norm", "dt", "tokens_per_s", "mfu", "tokens"} <= set(train[0])
+    assert train[-1]["tokens"] == 6 * 256
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 3, 5]
+
+
+def test_07_keep_last_prunes(s07, shards, tmp_path):
+    out = tmp_path / "run"
+    s07.main(
+        small(s07, shards, out, steps=5, ckpt_every=1, keep_last=2, val_every=0, sample_every=0)
+    )
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_000004.pt", "ckpt_000005.pt"]
+
+
+def test_07_refuses_to_overwrite_and_bad_data(s07, shards, tmp_path):
+    out = tmp_path / "run"
+    s07.main(small(s07, shards, out, steps=1, val_every=0, sample_every=0))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        s07.main(small(s07, shards, out, steps=1))
+    with pytest.raises(UserError, match="no checkpoint|checkpoint not found"):
+        s07.main(small(s07, shards, tmp_path / "empty", resume="latest"))
+    with pytest.raises(UserError):
+        s07.main(small(s07, tmp_path / "nowhere", tmp_path / "x"))
+    with pytest.raises(UserError, match="not a multiple of B\\*T\\*GPUs = 128"):
+        s07.main(small(s07, shards, tmp_path / "y", total_batch=200))
+
+
+def test_07_non_finite_loss_stops_and_keeps_good_checkpoint(s07, shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = small(s07, shards, out, steps=30, max_lr=1e6, warmup_steps=1, ckpt_every=1,
+                keep_last=0, val_every=0, sample_every=0, speedups="fp32")  # fmt: skip
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at step (\d+): stopped"):
+        s07.main(cfg)
+    newest = load_checkpoint(out)
+    assert all(torch.isfinite(v).all() for v in newest["model"].values())
+
+
+def run_07(args, env, out, kill_after=None):
+    """07 as a subprocess; optionally SIGKILL it as soon as it prints `saved ...kill_after`."""
+    cmd = [sys.executable, "07_ddp_fineweb.py", *args, "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if kill_after and line.startswith("saved") and kill_after in line:
+            os.kill(p.pid, signal.SIGKILL)  # no cleanup, like a pre-empted node
+            break
+    p.wait(timeout=300)
+    return p.returncode, "".join(lines), p.stderr.read()
+
+
+def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
+    args = ["--data-dir", str(shards), "--preset", "tiny", "--device", "cpu", "--batch-size", "4",
+            "--seq-len", "32", "--total-batch", "256", "--steps", "8", "--warmup-steps", "2",
+            "--val-every", "4", "--val-steps", "2", "--sample-every", "0", "--ckpt-every", "4",
+            "--speedups", "fp32"]  # fmt: skip
+    rc, _, err = run_07(args, cache_env, tmp_path / "full")
+    assert rc == 0, err
+    full = read_metrics(tmp_path / "full")
+
+    rc, _, _ = run_07(args, cache_env, tmp_path / "cut", kill_after="ckpt_000004.pt")
+    assert rc == -signal.SIGKILL
+    rc, text, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")
+    assert rc == 0, err
+    assert "resumed from step 4" in text
+    resumed = read_metrics(tmp_path / "cut")
+
+    def losses(rows, split):
+        return [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+
+    # one line per step, as if never interrupted, and the very same numbers (CPU, fp32)
+    assert [s for s, _ in losses(resumed, "train")] == list(range(8))
+    assert losses(resumed, "train") == pytest.approx(losses(full, "train"), abs=1e-6)
+    assert losses(resumed, "val") == pytest.approx(losses(full, "val"), abs=1e-6)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path, cache_env):
+    """2 processes x 1 micro-step == 1 process x 2 micro-steps, over several steps."""
+    common_args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
+                   "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch",
+                   "256", "--steps", "4", "--val-every", "0", "--sample-every", "0",
+                   "--speedups", "fp32"]  # fmt: skip
+    env = {**cache_env, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common_args, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", *common_args, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert (
+        "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one.stdout
+    )
+    assert two.stdout.count("summary:") == 1  # rank 0 alone prints
+    a = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
+    b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, abs=1e-5)
