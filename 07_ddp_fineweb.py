@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import UserError, bench
+from common import UserError, bench, hellaswag
 from common.checkpoint import (
     list_checkpoints, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
     set_rng_state,
@@ -68,6 +68,9 @@ class Config:
     val_every: int = 250  # steps between validation losses (0: never)
     val_steps: int = 20  # val batches per evaluation (x B x T x GPUs tokens)
     sample_every: int = 250  # steps between samples (0: never)
+    hellaswag_every: int = 250  # steps between HellaSwag evaluations, all ranks share (0: never)
+    hellaswag_limit: int = 0  # score only the first N val examples (0: all 10,042)
+    hellaswag_data: str = ""  # a local HellaSwag jsonl instead of the downloaded val split
     ckpt_every: int = 5000  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted (0: keep all)
     resume: str = ""  # "latest" (newest in --out; also --resume alone) or a checkpoint path
@@ -75,7 +78,7 @@ class Config:
     cpu: ClassVar[dict] = dict(
         preset="tiny", batch_size=8, seq_len=64, steps=40, max_lr=2e-3, min_lr=2e-4,
         warmup_steps=5, total_batch=1024, speedups="vocab", val_every=10, val_steps=4,
-        sample_every=20, ckpt_every=20,
+        sample_every=20, ckpt_every=20, hellaswag_every=0,
     )  # fmt: skip
 
 
@@ -177,6 +180,8 @@ def main(cfg):
     if d.ddp:  # averages gradients across processes during backward
         compiled = DDP(compiled, device_ids=[d.local_rank] if device.startswith("cuda") else None)
     metrics = MetricsLog(cfg.out, start_step) if d.master else None
+    if cfg.hellaswag_every:  # downloaded once into the cache, or a local file
+        examples = hellaswag.load_examples("val", cfg.hellaswag_data or None, cfg.hellaswag_limit)
     flops = bench.flops_per_token(model, T)
     _, peak = bench.known_peak(device)
     last_ckpt = None
@@ -190,6 +195,13 @@ def main(cfg):
             print0(f"step {step:5d} | val loss {val_losses[step]:.4f}")
             if metrics:
                 metrics.write(step=step, split="val", loss=val_losses[step], tokens=tokens_seen)
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+            with ctx:  # each rank scores its share of the examples; the counts are all-reduced
+                hs = hellaswag.evaluate(model, examples, device, B, d.rank, d.world_size)
+            print0(f"step {step:5d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
+            if metrics:
+                metrics.write(step=step, split="hellaswag", acc=hs["acc"], acc_norm=hs["acc_norm"],
+                              n=hs["n"], tokens=tokens_seen)  # fmt: skip
         if cfg.sample_every and d.master and step > 0 and (step % cfg.sample_every == 0 or last):
             prompt = torch.tensor([enc.encode("Hello, I'm a language model,")] * 4, device=device)
             gen = torch.Generator(device=device).manual_seed(cfg.seed + step)

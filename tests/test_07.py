@@ -46,9 +46,12 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+HELLASWAG = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
+
+
 def test_07_trains_validates_samples_and_saves(s07, shards, tmp_path, capsys):
     out = tmp_path / "run"
-    res = s07.main(small(s07, shards, out))
+    res = s07.main(small(s07, shards, out, hellaswag_every=3, hellaswag_data=str(HELLASWAG)))
     text = capsys.readouterr().out
     assert res["accum_steps"] == 2 and sorted(res["losses"]) == list(range(6))
     assert res["losses"][5] < res["losses"][0]
@@ -69,6 +72,11 @@ def test_07_trains_validates_samples_and_saves(s07, shards, tmp_path, capsys):
     assert {"loss", "lr", "norm", "dt", "tokens_per_s", "mfu", "tokens"} <= set(train[0])
     assert train[-1]["tokens"] == 6 * 256
     assert [r["step"] for r in rows if r["split"] == "val"] == [0, 3, 5]
+    hs = [r for r in rows if r["split"] == "hellaswag"]
+    n = sum(1 for line in HELLASWAG.read_text().splitlines() if line.strip())
+    assert [r["step"] for r in hs] == [0, 3, 5] and all(r["n"] == n for r in hs)
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 for r in hs)
+    assert "hellaswag acc_norm" in text
 
 
 def test_07_keep_last_prunes(s07, shards, tmp_path):
@@ -149,7 +157,8 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
     common_args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
                    "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch",
                    "256", "--steps", "4", "--val-every", "0", "--sample-every", "0",
-                   "--speedups", "fp32"]  # fmt: skip
+                   "--speedups", "fp32", "--hellaswag-every", "3", "--hellaswag-data",
+                   str(HELLASWAG)]  # fmt: skip
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common_args, "--out", str(tmp_path / "one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -166,3 +175,15 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, abs=1e-5)
+    # HellaSwag split across 2 ranks and all-reduced: the same counts as one process
+    ha = [
+        (r["step"], r["n"], r["acc"])
+        for r in read_metrics(tmp_path / "one")
+        if r["split"] == "hellaswag"
+    ]
+    hb = [
+        (r["step"], r["n"], r["acc"])
+        for r in read_metrics(tmp_path / "two")
+        if r["split"] == "hellaswag"
+    ]
+    assert [h[0] for h in ha] == [0, 3] and ha == hb
