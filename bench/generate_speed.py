@@ -1,8 +1,10 @@
 """Generation speed: our KV cache vs no cache vs transformers' generate, on the same weights.
 
 A random model (no download) of a preset's size; batch B, a short prompt, N new tokens,
-greedy so that all three produce the same tokens (checked and printed). Each variant runs
-once to warm up, then --repeats times; the median wall time gives tokens/s (B * N / t).
+greedy so that all three produce the same tokens (checked and printed). Each variant warms
+up on 8 tokens, then runs --repeats times; the median wall time gives tokens/s (B * N / t).
+On a busy machine use --threads 1: idle OpenMP threads that wait for a core cost
+milliseconds per op.
 
     python bench/generate_speed.py                                   # tiny preset, CPU
     python bench/generate_speed.py --preset gpt2 --repeats 1         # 124M on CPU (minutes)
@@ -46,14 +48,15 @@ class Config:
     json: str = ""  # write the results to this JSON file
 
 
-def timed(fn, device, repeats):
-    """Warm up once, then the median of `repeats` timed calls; returns (seconds, last output)."""
-    out = fn()
+def timed(fn, n, device, repeats):
+    """Warm up with a short run, then the median of `repeats` timed calls of fn(n) (n new
+    tokens); returns (seconds, last output)."""
+    fn(min(n, 8))
     times = []
     for _ in range(repeats):
         synchronize(device)
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(n)
         synchronize(device)  # queued GPU work counts: wait before reading the clock
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
@@ -78,20 +81,20 @@ def main(cfg):
     print(f"{cfg.preset} ({model.num_params():,} params, block {cfg.block_size}, {cfg.attn}); "
           f"batch {B}, prompt {cfg.prompt_len}, {N} new tokens, greedy; {env}")  # fmt: skip
 
-    variants = {"ours, KV cache": lambda: model.generate(prompt, N, temperature=0)}
+    variants = {"ours, KV cache": lambda n: model.generate(prompt, n, temperature=0)}
     if cfg.uncached:
-        variants["ours, no cache"] = lambda: model.generate(
-            prompt, N, temperature=0, use_cache=False
+        variants["ours, no cache"] = lambda n: model.generate(
+            prompt, n, temperature=0, use_cache=False
         )
     if hf is not None:  # min_new_tokens: a random model may say <|endoftext|>; never stop early
-        variants["transformers generate"] = lambda: hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, min_new_tokens=N,
+        variants["transformers generate"] = lambda n: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
             do_sample=False, use_cache=True, pad_token_id=0,
         )  # fmt: skip
     results, outputs = {}, {}
     with torch.no_grad(), amp or nullcontext():
         for name, fn in variants.items():
-            t, outputs[name] = timed(fn, device, cfg.repeats)
+            t, outputs[name] = timed(fn, N, device, cfg.repeats)
             results[name] = dict(seconds=t, tokens_per_s=B * N / t, ms_per_token=1000 * t / N)
     ref = outputs["ours, KV cache"]
     for name, r in results.items():
