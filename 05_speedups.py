@@ -149,6 +149,8 @@ def main(cfg):
         x, y = loader.next_batch()
         table = benchmark(cfg, device, x.to(device), y.to(device))
         loader.pos = 0
+    if not cfg.steps:  # --steps 0: the benchmark alone
+        return dict(benchmark=table)
 
     model, compiled, ctx = build(cfg, cfg.speedups, device)
     print(f"training with speedups up to '{cfg.speedups}': {model.num_params():,} parameters")

@@ -1,0 +1,192 @@
+"""Full-size proof on a GPU, in one call: throughput, the peer comparison, eval and sampling
+speed, and every stage at the real size. Writes one JSON file and prints a table.
+
+Parts (--parts, comma separated; all by default):
+  train      stage 07's real training step (its own main: shards, forward, backward, clip,
+             fused AdamW, accumulation as configured) at each --batch-sizes: median ms/step
+             after the compile warm-up, tokens/s, MFU against the datasheet peak and
+             against a bf16 matmul peak measured in this run, peak memory
+  hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
+  hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
+  generate   KV-cache vs no-cache vs transformers generation (bench/generate_speed.py)
+  stages     00 ... 08 as subprocesses at the real size for a few steps: exit code, loss
+             finite and falling where the stage trains
+
+Data: --data-dir holds token shards (e.g. made from tiny shakespeare on a machine with
+`datasets`: see README), --text a text file for stages 02-06. Weights for 01/08: a random
+GPT-2-size GPT2LMHeadModel saved locally (no hub), so parity is checked, not quality.
+
+    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt --json $OUT/gpu.json
+    python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
+        --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
+"""
+
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import bench  # noqa: E402
+from common.cli import parse_args  # noqa: E402
+from common.model import GPT, preset_config  # noqa: E402
+from common.train import pick_device  # noqa: E402
+
+
+@dataclass
+class Config:
+    device: str = "cuda"  # the GPU to measure (cpu for a dry run)
+    preset: str = "gpt2"  # model size
+    batch_sizes: str = "16,32,64"  # micro-batch sizes for the training throughput
+    seq_len: int = 1024  # tokens per sequence
+    total_batch: int = 524288  # tokens per optimizer step (stage 07's default)
+    steps: int = 12  # optimizer steps per training run; the first 2 (compile) are not counted
+    data_dir: str = ""  # token shards for stage 07 (train and val)
+    text: str = ""  # a text file for stages 02-06 (tiny shakespeare)
+    hellaswag_data: str = "tests/data/hellaswag_fixture.jsonl"  # examples for stage 08
+    parts: str = "train,hf,hellaswag,generate,stages"  # what to measure
+    json: str = ""  # write every result to this file
+
+
+def load(path):
+    """Import a numbered stage or a bench script by its path."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem.replace("-", "_"), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_train(cfg, device, tmp):
+    s07 = load("07_ddp_fineweb.py")
+    measured_peak = bench.measure_peak(device)
+    _, datasheet = bench.known_peak(device)
+    rows = []
+    for B in [int(b) for b in cfg.batch_sizes.split(",")]:
+        out = Path(tmp) / f"train_b{B}"
+        c = replace(s07.Config(), device=device, preset=cfg.preset, data_dir=cfg.data_dir,
+                    batch_size=B, seq_len=cfg.seq_len, total_batch=cfg.total_batch,
+                    steps=cfg.steps, warmup_steps=2, val_every=0, sample_every=0,
+                    hellaswag_every=0, ckpt_every=0, keep_last=1, out=str(out))  # fmt: skip
+        if str(device) == "cpu":
+            c = replace(c, speedups="vocab")  # compiling on a CPU dry run only costs time
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        s07.main(c)
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        dts = [r["dt"] for r in lines if r["split"] == "train" and r["step"] >= 2]
+        dt = statistics.median(dts)
+        tps = cfg.total_batch / dt
+        with torch.device("meta"):  # sizes only
+            flops = bench.flops_per_token(
+                GPT(preset_config(cfg.preset, vocab_size=50304)), cfg.seq_len
+            )
+        rows.append(dict(
+            batch_size=B, accum_steps=cfg.total_batch // (B * cfg.seq_len), ms=dt * 1000,
+            tokens_per_s=tps, mfu_datasheet=flops * tps / datasheet if datasheet else None,
+            mfu_measured=flops * tps / measured_peak, measured_peak_tflops=measured_peak / 1e12,
+            peak_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
+        ))  # fmt: skip
+        print(f"train B={B}: {dt * 1000:.1f} ms/step, {tps:,.0f} tok/s, MFU "
+              f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
+              f"{rows[-1]['mfu_measured']:.1%} (measured peak {measured_peak / 1e12:.3g} TFLOP/s)")  # fmt: skip
+    return rows
+
+
+def measure_hf(cfg, device):
+    s05 = load("05_speedups.py")
+    B = int(cfg.batch_sizes.split(",")[0])
+    c = replace(s05.Config(), device=device, preset=cfg.preset, input=cfg.text, batch_size=B,
+                seq_len=cfg.seq_len, steps=0, only="compile" if device != "cpu" else "vocab",
+                compare_hf=True, warmup=3, timed=10)  # fmt: skip
+    return s05.main(c)["benchmark"]
+
+
+def run_stage(args, timeout=600):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    summary = next((x for x in r.stdout.splitlines() if x.startswith("summary:")), "")
+    m = re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", summary)
+    falling = bool(m) and float(m.group(2)) < float(m.group(1))
+    return dict(stage=args[0], rc=r.returncode, seconds=time.perf_counter() - t0,
+                summary=summary, falling=falling if m else None,
+                error=r.stderr.strip().splitlines()[-1] if r.returncode else "")  # fmt: skip
+
+
+def measure_stages(cfg, device, tmp):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    p = preset_config(cfg.preset)
+    hf_dir = Path(tmp) / "hf_random"
+    GPT2LMHeadModel(GPT2Config(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd,
+                               n_positions=p.block_size)).save_pretrained(hf_dir)  # fmt: skip
+    size = ["--device", device, "--preset", cfg.preset]
+    T = str(min(cfg.seq_len, p.block_size))
+    runs = [
+        ["00_model.py", *size],
+        ["01_hf_eval.py", "--device", device, "--model", str(hf_dir)],
+        ["02_overfit_batch.py", *size, "--input", cfg.text, "--steps", "20"],
+        ["03_dataloader.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
+        ["04_best_practices.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
+        ["05_speedups.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T,
+         "--warmup", "2", "--timed", "5"],
+        ["06_hyperparams.py", *size, "--input", cfg.text, "--steps", "4", "--seq-len", T,
+         "--warmup-steps", "2", "--total-batch", str(cfg.total_batch)],
+        ["07_ddp_fineweb.py", *size, "--data-dir", cfg.data_dir, "--steps", "6", "--seq-len", T,
+         "--warmup-steps", "2", "--total-batch", str(cfg.total_batch), "--val-every", "3",
+         "--sample-every", "5", "--hellaswag-every", "5", "--hellaswag-data",
+         cfg.hellaswag_data, "--out", str(Path(tmp) / "stage07")],
+        ["08_hellaswag.py", "--device", device, "--model", str(hf_dir), "--data",
+         cfg.hellaswag_data, "--compare-hf"],
+    ]  # fmt: skip
+    rows = []
+    for args in runs:
+        rows.append(run_stage(args))
+        r = rows[-1]
+        print(f"{r['stage']:<22} rc {r['rc']}  {r['seconds']:6.1f}s  falling {r['falling']}  "
+              f"{r['summary'][:110] or r['error']}")  # fmt: skip
+    return rows
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    parts = set(cfg.parts.split(","))
+    result = dict(config=asdict(cfg), hardware=bench.hardware_name(device),
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print(f"{result['hardware']}, torch {torch.__version__}, {result['date']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "train" in parts:
+            result["train"] = measure_train(cfg, device, tmp)
+        if "hf" in parts:
+            result["hf"] = measure_hf(cfg, device)
+        if "hellaswag" in parts:
+            hs = load("bench/hellaswag_speed.py")
+            bs = "1,32" if device != "cpu" else "1,8"
+            c = replace(hs.Config(), device=device, preset=cfg.preset, batch_sizes=bs)
+            result["hellaswag"] = hs.main(c)
+        if "generate" in parts:
+            gen = load("bench/generate_speed.py")
+            c = replace(gen.Config(), device=device, preset=cfg.preset, repeats=3)
+            if device.startswith("cuda"):
+                c = replace(c, dtype="bfloat16")
+            result["generate"] = gen.main(c)
+        if "stages" in parts:
+            result["stages"] = measure_stages(cfg, device, tmp)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {cfg.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))
