@@ -241,7 +241,7 @@ class GPT(nn.Module):
         c = hf.config
         config = GPTConfig(
             block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-            n_head=c.n_head, n_embd=c.n_embd, tie_weights=True,
+            n_head=c.n_head, n_embd=c.n_embd, tie_weights=getattr(c, "tie_word_embeddings", True),
         )  # fmt: skip
         config = replace(config, **overrides)
         model = cls(config)
