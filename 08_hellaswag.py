@@ -76,8 +76,9 @@ def main(cfg):
         # bf16 on a GPU for speed; fp32 on CPU, and for --compare-hf (bf16 rounding flips near-ties)
         cuda = d.device.startswith("cuda")
         amp = torch.bfloat16 if cuda and not cfg.compare_hf else None
-        say(f"scoring {len(examples):,} HellaSwag {cfg.split} examples with {name} on {d.device}"
-            f" ({d.world_size} process{'es' if d.world_size > 1 else ''})")  # fmt: skip
+        source = cfg.data or f"the {cfg.split} split"
+        say(f"scoring {len(examples):,} HellaSwag examples from {source} with {name} on "
+            f"{d.device} ({d.world_size} process{'es' if d.world_size > 1 else ''})")  # fmt: skip
 
         run = dict(batch_size=cfg.batch_size, rank=d.rank, world_size=d.world_size)
         res = evaluate(model, examples, d.device, autocast_dtype=amp, details=cfg.compare_hf, **run)

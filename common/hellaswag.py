@@ -95,7 +95,7 @@ def render_example(example, enc):
         n = len(ctx) + len(end)
         tokens[i, :n] = torch.tensor(ctx + end)
         mask[i, len(ctx) : n] = True
-    return tokens, mask, example["label"]
+    return tokens, mask, example.get("label")
 
 
 def collate(rendered, block_size=None):
@@ -131,38 +131,42 @@ def logits_of(model, idx):
     return getattr(out, "logits", out)
 
 
-def completion_logits(model, tokens, mask):
-    """Logits (M, V) at the M positions whose next token is scored, in row-major order.
+def completion_losses(model, tokens, mask, vocab_size=EOT + 1, chunk=128):
+    """Cross-entropy of each row's masked tokens: summed (R,) and mean per token (R,).
 
-    The vocabulary projection is the biggest matmul of a small model, and every logit of the
-    context would be thrown away; so while the model runs, a hook hands its lm_head (ours
-    and transformers' GPT-2 have one) only the hidden states of the scored positions."""
+    Only the M positions whose next token is scored need logits, and the vocabulary projection
+    is the biggest matmul of a small model. So a hook takes the hidden states going into the
+    model's lm_head (ours and transformers' GPT-2 have one), keeps the M positions and leaves
+    lm_head nothing to do; lm_head then runs here, `chunk` positions at a time, so each block of
+    logits is still in the CPU's cache for the softmax. A model without an lm_head (a plain
+    callable) gives all its logits and the M positions are picked from them.
+    Ids from vocab_size up (stage 05 pads the vocab to 50304) are not tokens: they are left out
+    of the softmax, as the HF export leaves them out."""
     scored = mask[:, 1:]  # (R, T-1): the logits at position t predict the token at t + 1
-    head = getattr(model, "lm_head", None)
-    hook = None
-    if isinstance(head, torch.nn.Module):  # x: (R, T, C) -> (M, C)
-        hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][scored],))
+    targets = tokens[:, 1:][scored]  # (M,)
+    head, hidden, hook = getattr(model, "lm_head", None), [], None
+    if isinstance(head, torch.nn.Module):
+
+        def grab(module, args):  # x (R, T, C) -> hidden (M, C); lm_head gets (R, 0, C)
+            hidden.append(args[0][:, :-1][scored])
+            return (args[0][:, :0],)
+
+        hook = head.register_forward_pre_hook(grab)
     try:
         logits = logits_of(model, tokens)
     finally:
         if hook is not None:
             hook.remove()
-    if logits.dim() == 3:  # no lm_head to hook (a plain callable): (R, T, V) -> (M, V)
-        logits = logits[:, :-1][scored]
-    return logits
-
-
-def completion_losses(logits, tokens, mask, vocab_size=EOT + 1):
-    """Cross-entropy of each row's masked tokens: summed (R,) and mean per token (R,).
-
-    logits: (M, V) from completion_logits, V >= vocab_size. Ids from vocab_size up (stage 05
-    pads the vocab to 50304) are not tokens, so they are left out of the softmax, as the HF
-    export leaves them out."""
-    scored = mask[:, 1:]
-    targets = tokens[:, 1:][scored]  # (M,)
-    losses = F.cross_entropy(logits[:, :vocab_size].float(), targets, reduction="none")  # (M,)
-    per_token = torch.zeros(scored.shape, dtype=losses.dtype, device=losses.device)
-    per_token[scored] = losses
+    if hidden:
+        blocks = (head(h) for h in hidden[0].split(chunk))  # (chunk, V) each
+    else:  # no lm_head hooked: (R, T, V) -> (M, V)
+        blocks = logits[:, :-1][scored].split(chunk)
+    losses = [
+        F.cross_entropy(x[:, :vocab_size].float(), t, reduction="none")
+        for x, t in zip(blocks, targets.split(chunk))
+    ]
+    per_token = torch.zeros(scored.shape, device=targets.device)
+    per_token[scored] = torch.cat(losses)  # (M,) back in place: (R, T-1)
     sums = per_token.sum(dim=1)
     return sums, sums / scored.sum(dim=1)
 
@@ -228,13 +232,10 @@ def evaluate(
             tokens, mask = collate([rendered[i] for i in batch], block_size)
             tokens, mask = tokens.to(device), mask.to(device)
             with amp:
-                logits = completion_logits(model, tokens, mask)  # (M, V)
-            sums, avgs = completion_losses(logits, tokens, mask)
-            for k, i in enumerate(batch):  # rows 4k .. 4k+3 are example i's endings
-                loss_sum[i], loss_avg[i] = (
-                    sums[4 * k : 4 * k + 4].cpu(),
-                    avgs[4 * k : 4 * k + 4].cpu(),
-                )
+                sums, avgs = completion_losses(model, tokens, mask)  # (4B,) each
+            sums, avgs = sums.view(-1, 4).cpu(), avgs.view(-1, 4).cpu()  # (B, 4): one row each
+            for k, i in enumerate(batch):
+                loss_sum[i], loss_avg[i] = sums[k], avgs[k]
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
