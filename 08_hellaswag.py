@@ -9,11 +9,14 @@ through one forward pass, and under torchrun each process scores its share and t
 are summed. --compare-hf scores the same examples with transformers' GPT2LMHeadModel on the
 same weights: the two must pick the same endings, example by example.
 
-Run on CPU (the first 50 examples):   python 08_hellaswag.py --model path/to/hf_dir
-OpenAI's GPT-2 on a GPU (all 10,042): python 08_hellaswag.py --model gpt2
-Our checkpoint from stage 07:         python 08_hellaswag.py --ckpt out/ckpt_019072.pt
-On 8 GPUs:                            torchrun --standalone --nproc_per_node=8 08_hellaswag.py --ckpt out
-On CPU in 2 processes (gloo):         torchrun --standalone --nproc_per_node=2 08_hellaswag.py --device cpu --model DIR
+On a GPU the model runs in bf16 autocast; on CPU, and with --compare-hf, in fp32.
+
+python 08_hellaswag.py --model path/to/hf_dir     # CPU: first 50 examples, ~20 s at GPT-2 size
+python 08_hellaswag.py --model gpt2               # OpenAI's GPT-2 on a GPU: all 10,042
+python 08_hellaswag.py --ckpt out/ckpt_019072.pt  # our checkpoint from stage 07
+python 08_hellaswag.py --ckpt out --compare-hf    # the newest one, checked against transformers
+torchrun --standalone --nproc_per_node=8 08_hellaswag.py --ckpt out                 # 8 GPUs
+torchrun --standalone --nproc_per_node=2 08_hellaswag.py --device cpu --model DIR  # CPU, gloo
 """
 
 import json
@@ -37,7 +40,7 @@ class Config:
     split: str = "val"  # val (10,042 examples) or train; test has no labels
     data: str = ""  # a local HellaSwag jsonl file instead of downloading the split
     limit: int = 0  # score only the first N examples (0: all)
-    batch_size: int = 16  # examples per forward pass (4 rows each)
+    batch_size: int = 16  # examples per forward pass (4 rows each); 4-16 is fastest on CPU
     compare_hf: bool = False  # also score with transformers' GPT2LMHeadModel and compare
     json: str = ""  # also write the results to this JSON file
     seed: int = 1337  # the scoring is deterministic; the flag every stage has

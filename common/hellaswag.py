@@ -178,7 +178,7 @@ def model_block_size(model):
 
 
 def all_reduce(values, device, op="sum"):
-    """Numbers summed (or maxed) over all ranks; the numbers themselves without torch.distributed."""
+    """Numbers summed (or maxed) over all ranks; as they are without torch.distributed."""
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
