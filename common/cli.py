@@ -75,9 +75,10 @@ def parse_args(Config, argv=None):
             cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
         if auto:
             shown = ", ".join(f"{k}={v}" for k, v in cpu.items())
-            print(
-                f"No CUDA GPU: using the CPU defaults ({shown}); --preset gpt2 forces the real size."
+            hint = (
+                "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"
             )
+            print(f"No CUDA GPU: using the CPU defaults ({shown}); {hint}.")
     sys.excepthook = _excepthook
     return cfg
 

@@ -126,6 +126,8 @@ DIFF_BUDGET = {
     ("03_dataloader", "04_best_practices"): 40,
     ("04_best_practices", "05_speedups"): 170,  # five switches, their benchmark, --compare-hf
     ("05_speedups", "06_hyperparams"): 150,  # drops 05's benchmark, adds the GPT-3 recipe
+    ("06_hyperparams", "07_ddp_fineweb"): 240,  # shards, DDP, val, samples, ckpt/resume, metrics
+    ("07_ddp_fineweb", "08_hellaswag"): 340,  # an evaluation program, not a training run
 }
 
 
