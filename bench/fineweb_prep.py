@@ -1,7 +1,7 @@
 """Prep throughput: `python -m common.fineweb` with a process pool vs one process.
 
-Makes a local stand-in for FineWeb-Edu: tiny shakespeare repeated `--copies` times (~11M
-tokens at 32), cut into documents of `--paras` paragraphs (20: ~1,000 tokens, FineWeb-Edu's
+Makes a local stand-in for FineWeb-Edu: tiny shakespeare repeated `--copies` times (~43M
+tokens at 128), cut into documents of `--paras` paragraphs (20: ~1,000 tokens, FineWeb-Edu's
 average; 1: ~50-token documents, the worst case for per-document overhead), each copy's
 number in front so no two are equal, in one parquet file. Then runs the prep on it as a user
 would, once per worker count, each into a fresh output dir, and prints the tokens/s each run
@@ -43,7 +43,7 @@ def make_docs(path, copies, paras_per_doc):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default=f"1,{os.cpu_count()}", help="worker counts to time")
-    parser.add_argument("--copies", type=int, default=32, help="copies of tiny shakespeare")
+    parser.add_argument("--copies", type=int, default=128, help="copies of tiny shakespeare")
     parser.add_argument("--paras", type=int, default=20, help="paragraphs per document")
     parser.add_argument("--dir", default="data/bench_fineweb", help="scratch dir (deleted first)")
     args = parser.parse_args()
