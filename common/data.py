@@ -145,9 +145,20 @@ class ShardLoader:
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.step_tokens = batch_size * seq_len * world_size  # tokens all ranks read per step
-        self.files = shard_files(data_dir, split)
-        for path in self.files:  # check them all now (headers only), not hours into a run
-            self._open(path)
+        self.files = []
+        for path in shard_files(data_dir, split):  # check all now (headers only), not hours in
+            if len(self._open(path)) >= self.step_tokens + 1:
+                self.files.append(path)
+            elif rank == 0:  # e.g. the last, partial shard of a prep: harmless, say so
+                print(
+                    f"skipping {path.name}: fewer tokens than one step needs ({self.step_tokens + 1:,})"
+                )
+        if not self.files:
+            raise UserError(
+                f"every '{split}' shard in {data_dir} holds fewer tokens than one step needs "
+                f"(batch_size*seq_len*world_size+1 = {self.step_tokens + 1:,}): lower "
+                "--batch-size or --seq-len, or make bigger shards (--shard-size)"
+            )
         self.reset()
 
     def _open(self, path):
@@ -163,12 +174,6 @@ class ShardLoader:
             raise UserError(
                 f"shard {path} is not a 1-D array of token ids ({tokens.dtype}, shape "
                 f"{tokens.shape}); delete it and re-run `python -m common.fineweb`"
-            )
-        if len(tokens) < self.step_tokens + 1:
-            raise UserError(
-                f"shard {path} holds {len(tokens):,} tokens, fewer than one step needs "
-                f"(batch_size*seq_len*world_size+1 = {self.step_tokens + 1:,}): lower "
-                "--batch-size or --seq-len, or make bigger shards (--shard-size)"
             )
         return tokens
 

@@ -117,10 +117,12 @@ def test_errors(tmp_path):
     with pytest.raises(UserError, match="not a 1-D array"):
         ShardLoader(d, "train", B, T)
 
-    d = make_shards(tmp_path / "small", [50, 16])  # one step needs 8*2+1 = 17 tokens
-    with pytest.raises(UserError, match="edufineweb_train_000002.npy holds 16 tokens"):
-        ShardLoader(d, "train", B, T, rank=1, world_size=2)
-    ShardLoader(d, "train", B, T)  # 16 tokens are enough for one rank (needs 9)
+    d = make_shards(tmp_path / "small", [50, 16])  # one step of 2 ranks needs 8*2+1 = 17 tokens
+    two = ShardLoader(d, "train", B, T, rank=1, world_size=2)  # a short last shard is skipped
+    assert [p.name for p in two.files] == ["edufineweb_train_000001.npy"]
+    assert len(ShardLoader(d, "train", B, T).files) == 2  # 16 tokens are enough for one rank
+    with pytest.raises(UserError, match="every 'train' shard .* fewer tokens than one step"):
+        ShardLoader(make_shards(tmp_path / "tiny", [12, 16]), "train", B, T, rank=1, world_size=2)
 
     loader = ShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="does not match the 2 shards"):
