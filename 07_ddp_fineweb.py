@@ -174,6 +174,9 @@ def main(cfg):
         set_rng_state(ckpt["rng"])
         start_step = ckpt["step"]
         print0(f"resumed from step {start_step} ({ckpt['path']})")
+        if start_step >= cfg.steps:
+            raise UserError(f"{ckpt['path']} is already at step {start_step} of --steps {cfg.steps}: "
+                            "nothing to train; raise --steps to go on")  # fmt: skip
     elif ckpts:  # never overwrite another run's checkpoints by accident
         raise UserError(f"{cfg.out} already holds checkpoints (newest {ckpts[-1].name}): "
                         "add --resume to continue that run, or choose another --out")  # fmt: skip

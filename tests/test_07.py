@@ -78,6 +78,13 @@ def test_07_trains_validates_samples_and_saves(s07, shards, tmp_path, capsys):
     assert all(0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 for r in hs)
     assert "hellaswag acc_norm" in text
 
+    # the plot of this very run (train, val and HellaSwag lines): a real PNG
+    from common import plot
+
+    plot.main(plot.Config(run=str(out)))
+    png = (out / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
 
 def test_07_keep_last_prunes(s07, shards, tmp_path):
     out = tmp_path / "run"
@@ -150,6 +157,10 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
     assert losses(resumed, "val") == pytest.approx(losses(full, "val"), abs=1e-6)
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rc, _, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")  # nothing left to do
+    assert (
+        rc != 0 and err.strip().splitlines()[-1].startswith("error:") and "already at step 8" in err
+    )
 
 
 def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path, cache_env):
