@@ -27,6 +27,7 @@ import torch
 
 from common.checkpoint import model_from_checkpoint
 from common.cli import parse_args
+from common.export import to_hf
 from common.hellaswag import REFERENCE, all_reduce, evaluate, load_examples
 from common.model import GPT
 from common.train import seed_all, setup_dist, teardown_dist
@@ -49,20 +50,11 @@ class Config:
 
 def hf_twin(cfg, model):
     """transformers' GPT2LMHeadModel with the same weights as `model`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     if not cfg.ckpt:
         return GPT2LMHeadModel.from_pretrained(cfg.model)
-    c = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
-            vocab_size=50257, tie_word_embeddings=c.tie_weights,
-        )
-    )  # fmt: skip
-    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
-    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
-    return hf
+    return to_hf(model)  # our checkpoint, converted as `python -m common.export` does
 
 
 def main(cfg):
