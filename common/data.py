@@ -197,10 +197,15 @@ class ShardLoader:
         return x, y
 
     def state_dict(self):
-        return {"shard": self.shard, "pos": self.pos}
+        # the file name too: the index alone could point elsewhere if another batch size or
+        # world size skips a different set of too-small shards on resume
+        return {"shard": self.shard, "pos": self.pos, "file": self.files[self.shard].name}
 
     def load_state_dict(self, state):
         shard, pos = int(state["shard"]), int(state["pos"])
+        names = [p.name for p in self.files]
+        if state.get("file") in names:
+            shard = names.index(state["file"])
         if not 0 <= shard < len(self.files) or pos < 0:
             raise UserError(
                 f"loader state {state} does not match the {len(self.files)} shards here; "

@@ -72,7 +72,7 @@ def test_state_dict_resumes_exactly(tmp_path):
             for _ in range(stop):
                 [loader.next_batch() for loader in a]
             states = [loader.state_dict() for loader in a]
-            assert states[0] == states[-1] and set(states[0]) == {"shard", "pos"}
+            assert states[0] == states[-1] and set(states[0]) == {"shard", "pos", "file"}
             b = [ShardLoader(d, "train", B, T, r, world_size) for r in range(world_size)]
             for loader, state in zip(b, states):
                 loader.load_state_dict(dict(state))
@@ -124,6 +124,13 @@ def test_errors(tmp_path):
     with pytest.raises(UserError, match="every 'train' shard .* fewer tokens than one step"):
         ShardLoader(make_shards(tmp_path / "tiny", [12, 16]), "train", B, T, rank=1, world_size=2)
 
+    one = ShardLoader(d, "train", B, T)  # resume a 1-rank run (both shards) on 2 ranks
+    one.load_state_dict({"shard": 0, "pos": 0})
+    assert one.state_dict()["file"] == "edufineweb_train_000001.npy"
+    skipping = ShardLoader(make_shards(tmp_path / "skip", [16, 50]), "train", B, T, world_size=2)
+    skipping.load_state_dict({"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"})
+    assert skipping.state_dict() == {"shard": 0, "pos": 0, "file": "edufineweb_train_000002.npy"}
+
     loader = ShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="does not match the 2 shards"):
         loader.load_state_dict({"shard": 5, "pos": 0})
@@ -134,5 +141,5 @@ def test_state_from_a_bigger_step_moves_on(tmp_path):
     goes to the next shard, as next_batch would have."""
     loader = ShardLoader(make_shards(tmp_path, [40, 40]), "train", B, T)
     loader.load_state_dict({"shard": 0, "pos": 32})  # 32 + 8 + 1 > 40
-    assert loader.state_dict() == {"shard": 1, "pos": 0}
+    assert loader.state_dict() == {"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"}
     assert where(loader.next_batch()[0]) == (1, 0)
