@@ -18,6 +18,7 @@ import torch
 
 from common.cli import parse_args
 from common.data import get_tokenizer
+from common.generate import generate
 from common.model import GPT, preset_config
 from common.train import pick_device, seed_all
 
@@ -91,7 +92,7 @@ def main(cfg):
     # 4. sampling from an untrained model: valid tokens, no meaning yet
     prompt = torch.tensor([enc.encode("Hello, I'm a language model,")], device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(prompt, cfg.new_tokens, top_k=50, generator=gen)
+    out = generate(model, prompt, cfg.new_tokens, top_k=50, generator=gen)
     sample = enc.decode(out[0].tolist())
     print(f"untrained sample: {sample!r}")
 

@@ -15,7 +15,8 @@ import torch
 
 from common.cli import parse_args
 from common.data import get_tokenizer
-from common.model import GPT
+from common.generate import generate
+from common.hf import from_pretrained
 from common.train import pick_device, seed_all
 
 
@@ -36,7 +37,7 @@ def main(cfg):
     device = pick_device(cfg.device)
     seed_all(cfg.seed)
     enc = get_tokenizer()
-    model = GPT.from_pretrained(cfg.model).to(device)  # ours, with OpenAI's weights
+    model = from_pretrained(cfg.model).to(device)  # ours, with OpenAI's weights
     model.eval()
     hf = GPT2LMHeadModel.from_pretrained(cfg.model).to(device)  # the reference
     hf.eval()
@@ -53,7 +54,7 @@ def main(cfg):
     # sample: each row continues the same prompt with its own random draws
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = tokens.repeat(cfg.num_samples, 1)
-    out = model.generate(prompt, cfg.new_tokens, top_k=cfg.top_k, generator=gen)
+    out = generate(model, prompt, cfg.new_tokens, top_k=cfg.top_k, generator=gen)
     samples = [enc.decode(row.tolist()) for row in out]
     for text in samples:
         print(">", text)

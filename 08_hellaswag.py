@@ -29,7 +29,7 @@ from common.checkpoint import model_from_checkpoint
 from common.cli import parse_args
 from common.export import to_hf
 from common.hellaswag import REFERENCE, all_reduce, evaluate, load_examples
-from common.model import GPT
+from common.hf import from_pretrained
 from common.train import seed_all, setup_dist, teardown_dist
 
 
@@ -67,7 +67,7 @@ def main(cfg):
             model, ckpt = model_from_checkpoint(cfg.ckpt, d.device)
             name = f"{cfg.ckpt} (step {ckpt['step']})"
         else:
-            model, name = GPT.from_pretrained(cfg.model).to(d.device), cfg.model
+            model, name = from_pretrained(cfg.model).to(d.device), cfg.model
         # bf16 on a GPU for speed; fp32 on CPU, and for --compare-hf (bf16 rounding flips near-ties)
         cuda = d.device.startswith("cuda")
         amp = torch.bfloat16 if cuda and not cfg.compare_hf else None

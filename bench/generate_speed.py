@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from common.cli import parse_args  # noqa: E402
 from common.export import to_hf  # noqa: E402
+from common.generate import generate  # noqa: E402
 from common.model import GPT, preset_config  # noqa: E402
 from common.train import pick_device, synchronize  # noqa: E402
 
@@ -81,10 +82,10 @@ def main(cfg):
     print(f"{cfg.preset} ({model.num_params():,} params, block {cfg.block_size}, {cfg.attn}); "
           f"batch {B}, prompt {cfg.prompt_len}, {N} new tokens, greedy; {env}")  # fmt: skip
 
-    variants = {"ours, KV cache": lambda n: model.generate(prompt, n, temperature=0)}
+    variants = {"ours, KV cache": lambda n: generate(model, prompt, n, temperature=0)}
     if cfg.uncached:
-        variants["ours, no cache"] = lambda n: model.generate(
-            prompt, n, temperature=0, use_cache=False
+        variants["ours, no cache"] = lambda n: generate(
+            model, prompt, n, temperature=0, use_cache=False
         )
     if hf is not None:  # min_new_tokens: a random model may say <|endoftext|>; never stop early
         variants["transformers generate"] = lambda n: hf.generate(

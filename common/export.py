@@ -11,7 +11,7 @@ still written and a one-line notice says how to add them.
         print(pipeline('text-generation', model='gpt2-ours')('Hello, I am')[0])"
     lm_eval --model hf --model_args pretrained=gpt2-ours --tasks hellaswag
 
-Going back: GPT.from_pretrained("gpt2-ours") gives our model with identical logits.
+Going back: common.hf.from_pretrained("gpt2-ours") gives our model with identical logits.
 """
 
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from pathlib import Path
 from common import UserError
 from common.checkpoint import model_from_checkpoint
 from common.cli import parse_args
+from common.hf import hf_state_dict
 from common.model import GPT2_VOCAB
 
 # tiktoken's "gpt2" encoding is built from OpenAI's two original files; they are exactly
@@ -57,7 +58,7 @@ def to_hf(model):
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(hf_config(model.config))
-    hf.load_state_dict(model.hf_state_dict())  # strict: every tensor has its place
+    hf.load_state_dict(hf_state_dict(model))  # strict: every tensor has its place
     return hf.eval()
 
 

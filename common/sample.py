@@ -5,7 +5,7 @@
     python -m common.sample --model path/to/hf_dir --prompt-file prompt.txt --temperature 0
 
 The prompt is read once and filled into a KV cache; every new token then costs one position
-(GPT.stream in common/model.py). Several samples of one prompt share that single read.
+(common/generate.py). Several samples of one prompt share that single read.
 
 Output: one sample is streamed to the terminal token by token. With several, all rows
 advance together and each is printed, under a `----- sample N -----` line, as soon as it is
@@ -30,7 +30,8 @@ from common import UserError
 from common.checkpoint import model_from_checkpoint
 from common.cli import parse_args
 from common.data import EOT, get_tokenizer
-from common.model import GPT
+from common.generate import stream
+from common.hf import from_pretrained
 from common.train import pick_device, seed_all, synchronize
 
 
@@ -55,7 +56,7 @@ def load_model(cfg, device):
     if cfg.ckpt:
         model, ckpt = model_from_checkpoint(cfg.ckpt, device)
         return model, f"checkpoint {cfg.ckpt} (step {ckpt['step']})"
-    return GPT.from_pretrained(cfg.model).to(device), cfg.model
+    return from_pretrained(cfg.model).to(device), cfg.model
 
 
 def read_prompt(cfg, enc):
@@ -98,7 +99,7 @@ def main(cfg):
     print(f"{name}: {model.num_params():,} parameters, block_size {model.config.block_size}, "
           f"on {device}; prompt {len(tokens)} tokens", file=sys.stderr)  # fmt: skip
 
-    idx = torch.tensor([tokens], device=device).repeat(n, 1)  # (n, T): GPT.stream reads it once
+    idx = torch.tensor([tokens], device=device).repeat(n, 1)  # (n, T): stream() reads it once
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -116,7 +117,7 @@ def main(cfg):
         print(text, end="", flush=True)
     t0 = time.perf_counter()
     with amp:
-        for nxt in model.stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+        for nxt in stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                                 gen, cfg.top_p, eos=EOT, use_cache=cfg.use_cache):  # fmt: skip
             for i, t in enumerate(nxt[:, 0].tolist()):
                 if finished[i]:

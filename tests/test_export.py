@@ -11,6 +11,7 @@ from common import UserError
 from common.checkpoint import save_checkpoint
 from common.data import get_tokenizer
 from common.export import export
+from common.hf import from_pretrained
 from common.model import GPT, GPTConfig
 
 SMALL = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -35,7 +36,7 @@ def test_round_trip_keeps_logits(tmp_path, tied):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["n_positions"], config["vocab_size"], config["n_layer"]) == (64, 50257, 2)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    back = GPT.from_pretrained(str(tmp_path / "hf"), tie_weights=tied).eval()
+    back = from_pretrained(str(tmp_path / "hf"), tie_weights=tied).eval()
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ours(x)[0][..., :50257]  # our padded vocab: the first 50257 are the real tokens

@@ -24,6 +24,7 @@ from common.hellaswag import (
     read_examples,
     render_example,
 )
+from common.hf import from_pretrained
 from common.model import GPT, GPTConfig
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_fixture.jsonl"
@@ -178,7 +179,7 @@ def test_collate_pads_and_crops_from_the_left(examples):
 def test_scores_match_transformers_by_hand(hf_tiny_dir, hf_model, examples, by_hand):
     sums, means = by_hand
     labels = torch.tensor([ex["label"] for ex in examples])
-    ours = GPT.from_pretrained(str(hf_tiny_dir))
+    ours = from_pretrained(str(hf_tiny_dir))
     for model in (ours, hf_model, lambda idx: hf_model(idx).logits):  # hooked lm_head, or not
         res = evaluate(model, examples, "cpu", batch_size=16, details=True)
         assert res["indices"] == list(range(16)) and res["labels"] == labels.tolist()
@@ -193,7 +194,7 @@ def test_scores_match_transformers_by_hand(hf_tiny_dir, hf_model, examples, by_h
 
 
 def test_batch_size_changes_nothing(hf_tiny_dir, examples):
-    model = GPT.from_pretrained(str(hf_tiny_dir))
+    model = from_pretrained(str(hf_tiny_dir))
     one = evaluate(model, examples, "cpu", batch_size=1, details=True)
     many = evaluate(model, examples, "cpu", batch_size=16, details=True)
     some = evaluate(model, examples, "cpu", batch_size=5, details=True)  # a ragged last batch
@@ -244,7 +245,7 @@ def test_acc_and_acc_norm_are_computed_as_defined():
 
 def test_ranks_split_the_examples(hf_tiny_dir, examples):
     """Without torch.distributed each rank returns its own share: together, the whole."""
-    model = GPT.from_pretrained(str(hf_tiny_dir))
+    model = from_pretrained(str(hf_tiny_dir))
     whole = evaluate(model, examples, "cpu", details=True)
     parts = [evaluate(model, examples, "cpu", rank=r, world_size=3, details=True) for r in range(3)]
     assert [p["indices"] for p in parts] == [list(range(r, 16, 3)) for r in range(3)]

@@ -7,6 +7,8 @@ import torch
 from conftest import load_stage
 
 from common import UserError
+from common.generate import generate
+from common.hf import from_pretrained, hf_state_dict
 from common.model import GPT, GPTConfig, preset_config
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
@@ -98,7 +100,7 @@ def test_sequence_longer_than_block_size_is_user_error():
 def test_from_pretrained_matches_transformers(hf_tiny_dir):
     from transformers import GPT2LMHeadModel
 
-    ours = GPT.from_pretrained(str(hf_tiny_dir)).eval()
+    ours = from_pretrained(str(hf_tiny_dir)).eval()
     hf = GPT2LMHeadModel.from_pretrained(hf_tiny_dir).eval()
     x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -107,7 +109,7 @@ def test_from_pretrained_matches_transformers(hf_tiny_dir):
     assert (a - b).abs().max().item() < 1e-5
     # and greedy text is the same token for token
     with torch.no_grad():
-        g_ours = ours.generate(x[:1, :8], 16, top_k=1)
+        g_ours = generate(ours, x[:1, :8], 16, top_k=1)
         g_hf = hf.generate(x[:1, :8], max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert g_ours.tolist() == g_hf.tolist()
 
@@ -115,9 +117,9 @@ def test_from_pretrained_matches_transformers(hf_tiny_dir):
 def test_hf_state_dict_round_trip(hf_tiny_dir):
     from transformers import GPT2LMHeadModel
 
-    ours = GPT.from_pretrained(str(hf_tiny_dir), vocab_size=50304).eval()  # padded vocab
+    ours = from_pretrained(str(hf_tiny_dir), vocab_size=50304).eval()  # padded vocab
     hf = GPT2LMHeadModel.from_pretrained(hf_tiny_dir).eval()
-    hf.load_state_dict(ours.hf_state_dict())
+    hf.load_state_dict(hf_state_dict(ours))
     x = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
         assert torch.allclose(ours(x)[0][..., :50257], hf(x).logits, atol=1e-5)
@@ -125,18 +127,18 @@ def test_hf_state_dict_round_trip(hf_tiny_dir):
 
 def test_from_pretrained_unknown_name_is_user_error():
     with pytest.raises(UserError, match="unknown model 'gpt-9'"):
-        GPT.from_pretrained("gpt-9")
+        from_pretrained("gpt-9")
 
 
 def test_generate_is_seeded_and_refuses_overflow():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).eval()
     idx = torch.zeros(2, 4, dtype=torch.long)
-    a = model.generate(idx, 8, top_k=5, generator=torch.Generator().manual_seed(3))
-    b = model.generate(idx, 8, top_k=5, generator=torch.Generator().manual_seed(3))
+    a = generate(model, idx, 8, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = generate(model, idx, 8, top_k=5, generator=torch.Generator().manual_seed(3))
     assert a.shape == (2, 12) and torch.equal(a, b)
     with pytest.raises(UserError, match="exceeds block_size"):
-        model.generate(idx, 40)
+        generate(model, idx, 40)
 
 
 def test_stage00_table_sums_to_total():

@@ -9,7 +9,9 @@ from conftest import run_script
 
 from common import UserError
 from common.checkpoint import save_checkpoint
-from common.model import GPT, GPTConfig, KVCache, filter_logits, sample_next
+from common.generate import KVCache, filter_logits, generate, sample_next
+from common.hf import from_pretrained
+from common.model import GPT, GPTConfig
 from common.sample import Config, check_args
 from common.sample import main as sample_main
 
@@ -25,8 +27,8 @@ def small_model(attn="manual", **kw):
 def test_kv_cache_greedy_equals_no_cache(attn):
     model = small_model(attn)
     idx = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1))
-    cached = model.generate(idx, 40, temperature=0)
-    fresh = model.generate(idx, 40, temperature=0, use_cache=False)
+    cached = generate(model, idx, 40, temperature=0)
+    fresh = generate(model, idx, 40, temperature=0, use_cache=False)
     assert cached.shape == (3, 45)
     assert cached.tolist() == fresh.tolist()  # token for token
     assert len(set(cached[0, 5:].tolist())) > 3  # a real continuation, not one repeated token
@@ -38,8 +40,8 @@ def test_kv_cache_sampling_equals_no_cache(attn):
     model = small_model(attn)
     idx = torch.randint(0, 97, (1, 6)).repeat(4, 1)
     kw = dict(temperature=0.9, top_k=20, top_p=0.9)
-    a = model.generate(idx, 30, generator=torch.Generator().manual_seed(5), **kw)
-    b = model.generate(idx, 30, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    a = generate(model, idx, 30, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(model, idx, 30, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
     assert a.tolist() == b.tolist()
     assert len({tuple(r) for r in a[:, 6:].tolist()}) == 4  # four different samples
 
@@ -48,10 +50,10 @@ def test_shared_prompt_is_read_once_at_batch_1():
     model = small_model()
     shapes = []
     model.transformer.wte.register_forward_hook(lambda m, inp, out: shapes.append(inp[0].shape))
-    model.generate(torch.zeros(5, 7, dtype=torch.long), 3)
+    generate(model, torch.zeros(5, 7, dtype=torch.long), 3)
     assert shapes == [(1, 7), (5, 1), (5, 1)]  # the prompt once, then one position per token
     shapes.clear()
-    model.generate(torch.zeros(5, 7, dtype=torch.long), 3, use_cache=False)
+    generate(model, torch.zeros(5, 7, dtype=torch.long), 3, use_cache=False)
     assert shapes == [(5, 7), (5, 8), (5, 9)]  # without a cache: everything, every time
 
 
@@ -71,7 +73,7 @@ def test_cache_positions_and_chunked_prefill(attn):
 def test_greedy_matches_transformers_generate(hf_tiny_dir, attn):
     from transformers import GPT2LMHeadModel
 
-    ours = GPT.from_pretrained(str(hf_tiny_dir), attn=attn).eval()
+    ours = from_pretrained(str(hf_tiny_dir), attn=attn).eval()
     hf = GPT2LMHeadModel.from_pretrained(hf_tiny_dir).eval()
     x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -79,7 +81,7 @@ def test_greedy_matches_transformers_generate(hf_tiny_dir, attn):
             x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
             use_cache=True, pad_token_id=0,
         )  # fmt: skip
-    assert ours.generate(x, 24, temperature=0).tolist() == theirs.tolist()
+    assert generate(ours, x, 24, temperature=0).tolist() == theirs.tolist()
 
 
 def test_cache_takes_the_dtype_of_k_and_v_under_autocast():
@@ -87,7 +89,7 @@ def test_cache_takes_the_dtype_of_k_and_v_under_autocast():
     cache = KVCache(10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = model(torch.zeros(2, 4, dtype=torch.long), cache=cache)
-        out = model.generate(torch.zeros(2, 4, dtype=torch.long), 6)
+        out = generate(model, torch.zeros(2, 4, dtype=torch.long), 6)
     assert {k.dtype for kv in cache.kv.values() for k in kv} == {torch.bfloat16}
     assert len(cache.kv) == 2 and logits.dtype == torch.bfloat16 and out.shape == (2, 10)
 
@@ -100,7 +102,7 @@ def test_padded_vocab_rows_are_never_sampled():
         model.lm_head.weight[50257:] = 10 * model.lm_head.weight[best]  # padding: far likelier
         logits, _ = model(x)
     assert logits[0, -1].argmax() >= 50257  # the raw model would pick padding
-    out = model.generate(torch.zeros(3, 3, dtype=torch.long), 10, temperature=2.0)
+    out = generate(model, torch.zeros(3, 3, dtype=torch.long), 10, temperature=2.0)
     assert out.max() < 50257
 
 
@@ -147,7 +149,7 @@ def test_sampling_frequencies_follow_the_filters():
 def test_same_seed_same_tokens():
     model = small_model()
     idx = torch.zeros(2, 4, dtype=torch.long)
-    run = lambda s: model.generate(idx, 20, top_p=0.95, generator=torch.Generator().manual_seed(s))
+    run = lambda s: generate(model, idx, 20, top_p=0.95, generator=torch.Generator().manual_seed(s))
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
@@ -155,23 +157,23 @@ def test_same_seed_same_tokens():
 def test_eos_stops_a_sample_and_pads_finished_rows():
     model = small_model()
     idx = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2))
-    free = model.generate(idx, 20, temperature=0)
+    free = generate(model, idx, 20, temperature=0)
     eos = free[0, 4 + 2].item()  # the third token row 0 produces
     assert eos not in free[0, 4:6].tolist()
-    out = model.generate(idx, 20, temperature=0, eos=eos)
+    out = generate(model, idx, 20, temperature=0, eos=eos)
     assert out[0, 4:7].tolist() == free[0, 4:7].tolist()  # same tokens up to and with eos
     assert set(out[0, 7:].tolist()) <= {eos}  # then only eos padding
     if eos not in free[1, 4:].tolist():  # row 1 never says it: it runs to the end
         assert out.shape == (2, 24) and out[1].tolist() == free[1].tolist()
-    one = model.generate(idx[:1], 20, temperature=0, eos=eos)
+    one = generate(model, idx[:1], 20, temperature=0, eos=eos)
     assert one.shape == (1, 7)  # all rows done: generation stops early
 
 
 def test_block_size_is_enforced():
     model = small_model()  # block_size 64
-    assert model.generate(torch.zeros(1, 60, dtype=torch.long), 4).shape == (1, 64)  # fits
+    assert generate(model, torch.zeros(1, 60, dtype=torch.long), 4).shape == (1, 64)  # fits
     with pytest.raises(UserError, match="exceeds block_size 64"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), 5)
+        generate(model, torch.zeros(1, 60, dtype=torch.long), 5)
     with pytest.raises(UserError, match="use --max-new-tokens 54 or less"):
         check_args(Config(max_new_tokens=100), 10, 64)
     with pytest.raises(UserError, match="the prompt is 64 tokens"):
