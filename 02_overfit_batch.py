@@ -4,8 +4,7 @@ Before training on real data, prove the model can learn at all: one fixed batch 
 AdamW, and the loss must fall from ~11 (uniform over 50,257 tokens) towards 0 as the model
 memorizes it. If it cannot overfit one batch, nothing bigger will work either.
 
-Run on CPU (tiny preset, ~10 s):   python 02_overfit_batch.py
-Run at the real size on a GPU:     python 02_overfit_batch.py --preset gpt2
+Run: python 02_overfit_batch.py   (no GPU: tiny preset, ~10 s; a GPU or --preset gpt2: real size)
 """
 
 import time

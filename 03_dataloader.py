@@ -1,13 +1,10 @@
 """Stage 03: a data loader: every step sees the next batch of tiny shakespeare.
 
-Stage 02 memorized one batch. Now the text is tokenized once (338,025 tokens) and cut into
-consecutive (B, T) batches; targets are the inputs shifted by one token, and the loader
-wraps to the start at the end of the text. The loss now falls more slowly, and stays well
-above zero: the model must generalize instead of memorizing. The file is downloaded once
-into ~/.cache/gpt-from-scratch (checked against its sha256), or pass --input PATH.
+Stage 02 memorized one batch. Now the text (downloaded once, sha256-checked, or --input PATH)
+is tokenized once and cut into consecutive (B, T) batches, targets shifted by one token.
+The loss falls more slowly and stays well above zero: the model must generalize.
 
-Run on CPU (tiny preset, ~15 s):   python 03_dataloader.py
-Run at the real size on a GPU:     python 03_dataloader.py --preset gpt2
+Run: python 03_dataloader.py   (no GPU: tiny preset, ~15 s; a GPU or --preset gpt2: real size)
 """
 
 import time
@@ -16,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
+from common import UserError
 from common.cli import parse_args
-from common.data import TextLoader, get_tokenizer, load_text
+from common.data import get_tokenizer, load_text
 from common.model import GPT, preset_config
 from common.train import pick_device, seed_all, step_line, synchronize
 
@@ -33,6 +31,24 @@ class Config:
     lr: float = 3e-4  # AdamW learning rate
     seed: int = 1337  # same seed, same weights, same run
     cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=50, lr=1e-3)
+
+
+class TextLoader:
+    """(B, T) batches of a token list in order, wrapping at the end; y[b, t] follows x[b, t]."""
+
+    def __init__(self, tokens, batch_size, seq_len):
+        self.tokens, self.B, self.T, self.pos = torch.tensor(tokens), batch_size, seq_len, 0
+        if len(self.tokens) < batch_size * seq_len + 1:
+            raise UserError("the text is shorter than one batch: lower --batch-size or --seq-len")
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.tokens[self.pos : self.pos + B * T + 1]  # one extra token: the last target
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # inputs, targets
+        self.pos += B * T
+        if self.pos + B * T + 1 > len(self.tokens):  # the next batch would run off the end: wrap
+            self.pos = 0
+        return x, y
 
 
 def main(cfg):

@@ -1,18 +1,12 @@
-"""Stage 04: weight tying and GPT-2's initialization.
+"""Stage 04: weight tying and GPT-2's initialization, from the GPT-2 paper and code.
 
-Two details from the GPT-2 paper and code. Weight tying: the token embedding (wte) and the
-output layer (lm_head) are one matrix, so a token's input vector is also the direction that
-predicts it; it saves vocab_size x n_embd parameters (38.6M of GPT-2's 163M). GPT-2 init:
-weights N(0, 0.02), biases zero, and the projections that write into the residual stream
-scaled by (2 * n_layer) ** -0.5 so its variance does not grow with depth. The loss at init
-then sits right at ln(vocab_size) ~ 10.82, and the first steps are not spent undoing a bad
-start.
+Tying: the token embedding (wte) and the output layer (lm_head) become one matrix, saving
+vocab_size x n_embd parameters (38.6M of GPT-2's 163M). Init: N(0, 0.02), residual projections
+scaled down; step 0's loss then sits at ln(vocab_size) ~ 10.82, a uniform guess.
 
-Run on CPU (tiny preset, ~15 s):   python 04_best_practices.py
-Run at the real size on a GPU:     python 04_best_practices.py --preset gpt2
+Run: python 04_best_practices.py   (no GPU: tiny preset, ~15 s; a GPU or --preset gpt2: real size)
 """
 
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,6 +32,16 @@ class Config:
     cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=50, lr=1e-3)
 
 
+def gpt2_init(module, n_layer):
+    """N(0, 0.02) weights, zero biases; each block adds two projections (RESIDUAL_SCALE) to
+    the residual stream, so theirs are scaled by (2 * n_layer) ** -0.5 to keep its variance."""
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        scale = (2 * n_layer) ** -0.5 if getattr(module, "RESIDUAL_SCALE", False) else 1.0
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 * scale)
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+
+
 def main(cfg):
     device = pick_device(cfg.device)
     seed_all(cfg.seed)
@@ -50,11 +54,10 @@ def main(cfg):
         f"loaded {len(loader.tokens):,} tokens: 1 epoch = {len(loader.tokens) // (B * T)} batches"
     )
 
-    model = GPT(preset_config(cfg.preset, tie_weights=True, gpt2_init=True)).to(device)
-    with torch.device("meta"):  # shapes only, no memory: what the count was without tying
-        untied = GPT(preset_config(cfg.preset)).num_params()
-    print(f"parameters: {model.num_params():,} tied vs {untied:,} untied "
-          f"(saved {untied - model.num_params():,} = vocab_size x n_embd)")  # fmt: skip
+    model = GPT(preset_config(cfg.preset)).to(device)
+    model.transformer.wte.weight = model.lm_head.weight  # tying: one matrix, tokens in and out
+    model.apply(lambda module: gpt2_init(module, model.config.n_layer))
+    print(f"parameters: {model.num_params():,} (tying saved {model.lm_head.weight.numel():,})")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
 
     losses = []
@@ -72,14 +75,9 @@ def main(cfg):
         print(step_line(step, losses[-1], dt=dt, tokens_per_s=B * T / dt))
 
     print(
-        f"loss at init {losses[0]:.4f} vs ln(vocab_size) = {math.log(model.config.vocab_size):.4f}"
-    )
-    print(
         f"summary: {cfg.steps} batches of {B}x{T} tokens: loss {losses[0]:.3f} -> {losses[-1]:.4f}"
     )
-    return dict(
-        losses=losses, final_loss=losses[-1], params=model.num_params(), params_untied=untied
-    )
+    return dict(losses=losses, final_loss=losses[-1])
 
 
 if __name__ == "__main__":

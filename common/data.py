@@ -89,28 +89,20 @@ def load_text(path=None):
 
 
 class TextLoader:
-    """Tokenizes a text once, then serves (B, T) batches in order, wrapping at the end.
-
-    x is a window of B*T tokens and y the same window shifted by one: y[b, t] is the token
-    that follows x[b, t], so every position is a training example."""
+    """Stage 03's loader, as 03_dataloader.py writes it (a test keeps them equal).
+    (B, T) batches of a token list in order, wrapping at the end; y[b, t] follows x[b, t]."""
 
     def __init__(self, tokens, batch_size, seq_len):
-        self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-        self.B, self.T = batch_size, seq_len
+        self.tokens, self.B, self.T, self.pos = torch.tensor(tokens), batch_size, seq_len, 0
         if len(self.tokens) < batch_size * seq_len + 1:
-            raise UserError(
-                f"text has {len(self.tokens)} tokens, fewer than one batch needs "
-                f"({batch_size}*{seq_len}+1): lower --batch-size or --seq-len"
-            )
-        self.pos = 0
+            raise UserError("the text is shorter than one batch: lower --batch-size or --seq-len")
 
     def next_batch(self):
         B, T = self.B, self.T
-        buf = self.tokens[self.pos : self.pos + B * T + 1]
-        x = buf[:-1].view(B, T)  # inputs
-        y = buf[1:].view(B, T)  # targets
+        buf = self.tokens[self.pos : self.pos + B * T + 1]  # one extra token: the last target
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # inputs, targets
         self.pos += B * T
-        if self.pos + B * T + 1 > len(self.tokens):  # next batch would run off the end: wrap
+        if self.pos + B * T + 1 > len(self.tokens):  # the next batch would run off the end: wrap
             self.pos = 0
         return x, y
 

@@ -119,6 +119,17 @@ class Block(nn.Module):
         return x
 
 
+def gpt2_init(module, n_layer):
+    """Stage 04's init, as 04_best_practices.py writes it (a test keeps the two the same).
+    N(0, 0.02) weights, zero biases; each block adds two projections (RESIDUAL_SCALE) to
+    the residual stream, so theirs are scaled by (2 * n_layer) ** -0.5 to keep its variance."""
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        scale = (2 * n_layer) ** -0.5 if getattr(module, "RESIDUAL_SCALE", False) else 1.0
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 * scale)
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -135,19 +146,7 @@ class GPT(nn.Module):
         if config.tie_weights:  # stage 04: one matrix maps tokens -> vectors and back
             self.transformer.wte.weight = self.lm_head.weight
         if config.gpt2_init:  # stage 04
-            self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "RESIDUAL_SCALE", False):
-                # each block adds two outputs to the residual stream; keep its variance flat
-                std *= (2 * self.config.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            self.apply(lambda module: gpt2_init(module, config.n_layer))
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.size()
