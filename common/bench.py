@@ -5,12 +5,15 @@ before reading the clock, take the median of many steps, use the same batch for 
 configuration, and print the hardware and torch version next to the numbers.
 """
 
+import json
 import platform
 import statistics
 import time
+from dataclasses import asdict
 
 import torch
 
+from common import UserError
 from common.train import synchronize
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (FLOP/s), matched by GPU name.
@@ -66,39 +69,150 @@ def flops_per_token(model, seq_len):
     return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
 
-def time_steps(step, device, warmup, timed):
-    """Median seconds of `step()` over `timed` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(timed):
-        synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# stage 05's table: each speedup switched on in turn, on top of the ones before it
+ROWS = ("fp32", "tf32", "bf16", "fp16", "flash", "vocab", "compile")
+ROUNDS = 3  # timed rounds; every round times every row once, in turn
 
 
-def time_train_step(model, net, autocast, x, y, warmup, timed, lr=3e-4):
-    """One AdamW training step of `net` (model, or its compiled form) on the batch (x, y):
-    median ms, tokens/s and peak GPU memory (None off CUDA: no per-run counter there)."""
-    device = x.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+def table_rows(device, dtype="bfloat16"):
+    """The table's rows here: one half-precision row, fp16 where bf16 is not there (T4, V100)
+    or where --dtype float16 asks for it."""
+    no_bf16 = str(device).startswith("cuda") and not torch.cuda.is_bf16_supported()
+    half = "fp16" if dtype == "float16" or no_bf16 else "bf16"
+    return [r for r in ROWS if r not in ("bf16", "fp16") or r == half]
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            _, loss = net(x, y)
-        loss.backward()
-        optimizer.step()
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    dt = time_steps(step, str(device), warmup, timed)
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return dict(status="ok", ms=dt * 1000, tokens_per_s=x.numel() / dt, peak_mb=peak_mb)
+def check_row(name):
+    if name and name not in ROWS:
+        raise UserError(f"unknown speedup row '{name}': choose one of {', '.join(ROWS)}")
+
+
+def unavailable(row, device):
+    """Why a row cannot apply on this device, or None."""
+    cuda = str(device).startswith("cuda")
+    if row == "tf32" and not cuda:
+        return "TF32 is a CUDA tensor-core mode; CPU fp32 matmuls do not change"
+    if row == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16 (needs Ampere / sm_80 or newer): see the fp16 row"
+    if row == "compile" and device == "mps":
+        return "torch.compile does not support MPS well yet"
+    return None
+
+
+class Row:
+    """One configuration of the table: a fresh model with every speedup up to `row` on (the
+    same switches stage 05 writes out), its optimizer, and one training step."""
+
+    def __init__(self, name, on, preset, seed, device, lr=3e-4):
+        from common.model import GPT, preset_config  # the model, not the harness, is the lesson
+
+        self.name, self.device = name, device
+        self.precision = "high" if "tf32" in on else "highest"  # tf32
+        half = torch.bfloat16 if "bf16" in on else torch.float16 if "fp16" in on else None
+        self.autocast = torch.autocast(str(device).split(":")[0], dtype=half or torch.float32,
+                                       enabled=half is not None)  # bf16 / fp16  # fmt: skip
+        self.scaler = torch.amp.GradScaler(str(device).split(":")[0], enabled=half == torch.float16)
+        config = preset_config(
+            preset, tie_weights=True, gpt2_init=True,
+            attn="sdpa" if "flash" in on else "manual",  # flash
+            vocab_size=50304 if "vocab" in on else 50257,  # vocab
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        self.raw_model = GPT(config).to(device)
+        self.model = torch.compile(self.raw_model) if "compile" in on else self.raw_model
+        self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=lr)
+        self.times, self.peak_mb = [], None
+
+    def step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            _, loss = self.model(x, y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def run(self, x, y, n, timed=True):
+        """n steps; timed ones append their seconds (synchronized clocks) to self.times."""
+        torch.set_float32_matmul_precision(self.precision)  # a global switch: set per row
+        cuda = str(self.device).startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        for _ in range(n):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            self.step(x, y)
+            synchronize(self.device)
+            if timed:
+                self.times.append(time.perf_counter() - t0)
+        if cuda and timed:  # this row's own memory: other rows' models are resident too
+            own = sum(t.numel() * t.element_size() for t in self.resident())
+            peak = torch.cuda.max_memory_allocated(self.device) - before + own
+            self.peak_mb = max(self.peak_mb or 0, peak / 2**20)
+
+    def resident(self):
+        yield from self.raw_model.parameters()
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v))
+
+
+def speedup_table(cfg, device):
+    """Stage 05's table on one random (B, T) batch. Rows are built once (compilation and
+    warm-up untimed), then timed in ROUNDS interleaved rounds of cfg.timed // ROUNDS steps,
+    so no row pays a warm-up or a slow moment of the machine that the others do not;
+    each row reports the median step. --compare-hf adds transformers' GPT-2 with the last
+    row's settings."""
+    check_row(cfg.only)
+    ladder = table_rows(device, getattr(cfg, "dtype", "bfloat16"))
+    if cfg.only and cfg.only not in ladder:  # e.g. --only fp16 where the table has bf16
+        ladder = [cfg.only if r in ("bf16", "fp16") else r for r in ladder]
+    names = [cfg.only] if cfg.only else ladder
+    g = torch.Generator().manual_seed(cfg.seed)
+    xy = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    x, y = xy[:, :-1], xy[:, 1:]
+    peak_name, peak = known_peak(device)
+    if cfg.measure_peak:
+        peak_name, peak = "measured bf16 matmul", measure_peak(device)
+    rows, runs = [], []
+    for name in names:
+        if reason := unavailable(name, device):
+            rows.append(dict(name=name, status="n/a", reason=reason))
+            continue
+        on = [r for r in ladder[: ladder.index(name) + 1] if not unavailable(r, device)]
+        runs.append(Row(name, on, cfg.preset, cfg.seed, device))
+        rows.append(dict(name=name, status="ok"))
+    if cfg.compare_hf and runs:  # transformers' GPT-2 with the last row's settings
+        last = runs[-1]
+        hf = Row("hf " + last.name, [], cfg.preset, cfg.seed, device)
+        hf.precision, hf.autocast, hf.scaler = last.precision, last.autocast, last.scaler
+        hf.raw_model = HFTwin(last.raw_model.config).to(device)
+        hf.model = torch.compile(hf.raw_model) if last.model is not last.raw_model else hf.raw_model
+        hf.optimizer = torch.optim.AdamW(hf.raw_model.parameters(), lr=3e-4)
+        runs.append(hf)
+        rows.append(dict(name=hf.name, status="ok"))
+    for run in runs:  # compilation and warm-up, untimed
+        run.run(x, y, cfg.warmup, timed=False)
+    for _ in range(ROUNDS):
+        for run in runs:
+            run.run(x, y, max(1, cfg.timed // ROUNDS))
+    by_name = {run.name: run for run in runs}
+    for r in rows:
+        if r["status"] == "ok":
+            dt = statistics.median(by_name[r["name"]].times)
+            r.update(ms=dt * 1000, tokens_per_s=x.numel() / dt, peak_mb=by_name[r["name"]].peak_mb)
+    add_ratios(rows, flops_per_token(runs[0].raw_model, cfg.seq_len) if runs else 0, peak)
+    timed = ROUNDS * max(1, cfg.timed // ROUNDS)
+    print(f"benchmark: {hardware_name(device)}, torch {torch.__version__}, B={cfg.batch_size}, "
+          f"T={cfg.seq_len}, preset {cfg.preset}; median of {timed} steps in {ROUNDS} interleaved "
+          f"rounds after {cfg.warmup} warm-up; MFU vs "
+          f"{peak_name or 'no known peak (--measure-peak measures one)'}")  # fmt: skip
+    print(format_table(rows))
+    result = dict(hardware=hardware_name(device), torch=torch.__version__, device=str(device),
+                  peak=peak, peak_name=peak_name, config=asdict(cfg), rows=rows)  # fmt: skip
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 def add_ratios(rows, flops_per_token, peak):

@@ -156,3 +156,17 @@ class MetricsLog:
     def write(self, **record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def amp_dtype(name, device):
+    """--dtype -> the autocast dtype. A GPU without bf16 (T4, V100) gets float16, said once:
+    it needs a GradScaler, which the stages switch on for float16."""
+    if name not in AMP_DTYPES:
+        raise UserError(f"unknown --dtype '{name}': use bfloat16, float16 or float32")
+    if name == "bfloat16" and str(device).startswith("cuda") and not torch.cuda.is_bf16_supported():
+        print("this GPU has no bf16 (needs sm_80+): using float16 with a GradScaler")
+        return torch.float16
+    return AMP_DTYPES[name]
