@@ -1,15 +1,7 @@
 """Stage 05: make it fast, and measure what each trick buys on your own hardware.
 
-Five speedups, written out in main() below and timed first, one at a time, in the table:
-  tf32     fp32 matmuls on tensor cores with a 10-bit mantissa (CUDA, Ampere and newer)
-  bf16     autocast: activations in bfloat16 (fp32's range, fewer digits); weights stay fp32.
-           GPUs without bf16 (T4, V100) use float16 with a GradScaler (--dtype float16)
-  flash    F.scaled_dot_product_attention: one fused kernel, the T x T scores never stored
-           (common/model.py keeps the manual attention beside it: attn="manual" | "sdpa")
-  vocab    50257 -> 50304 = 128 * 393 tokens: a "nicer" shape that kernels tile evenly
-  compile  torch.compile: the model as a few fused kernels, no Python per op
-The table (common/bench.py) times a training step per row, on the same batch, rows
-interleaved over several rounds, compilation untimed: ms/step, tokens/s, speedup, MFU.
+Five speedups, written out in main() (common/model.py keeps the manual attention beside
+flash: attn="manual" | "sdpa"), and first timed one by one in a table (common/bench.py).
 
 Run: python 05_speedups.py   (no GPU: tiny preset, ~1 min; --preset gpt2 --compare-hf on a GPU)
 """
@@ -39,20 +31,16 @@ class Config:
     seed: int = 1337  # same seed, same weights, same run
     dtype: str = "bfloat16"  # autocast dtype: bfloat16, float16 (+ GradScaler) or float32 (off)
     compile: bool = True  # torch.compile the model (off on a CPU: compiling outlasts 30 steps)
-    benchmark: bool = True  # time each speedup first (the table); --steps 0: the table alone
-    only: str = ""  # time this row alone (with the rows before it on): fp32 ... compile
-    warmup: int = 5  # untimed steps per row (compilation happens here)
+    benchmark: str = "all"  # time the speedups first: all, one row (fp32 ... compile), or none
     timed: int = 21  # timed steps per row, in interleaved rounds; the median is reported
-    measure_peak: bool = False  # time a large bf16 matmul for an MFU against this device
     compare_hf: bool = False  # also time transformers' GPT2LMHeadModel, same settings
     json: str = ""  # write the table to this JSON file
-    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, lr=1e-3,
-                               compile=False, warmup=2, timed=6)  # fmt: skip
+    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, lr=1e-3, compile=False, timed=6)  # fmt: skip
 
 
 def main(cfg):
     device = pick_device(cfg.device)
-    table = bench.speedup_table(cfg, device) if cfg.benchmark else None  # each speedup, timed
+    table = bench.speedup_table(cfg, device)  # each speedup, timed on its own (--benchmark)
     if not cfg.steps:  # --steps 0: the table alone
         return dict(benchmark=table)
     seed_all(cfg.seed)
@@ -65,15 +53,15 @@ def main(cfg):
         f"loaded {len(loader.tokens):,} tokens: 1 epoch = {len(loader.tokens) // (B * T)} batches"
     )
 
-    torch.set_float32_matmul_precision("high")  # tf32: fp32 matmuls on tensor cores
-    dtype = amp_dtype(cfg.dtype, device)  # bfloat16; float16 where the GPU has no bf16
+    torch.set_float32_matmul_precision("high")  # tf32: fp32 matmuls on tensor cores (10-bit)
+    dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # T4, V100
     config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04, in common/
-                           attn="sdpa",  # flash attention
-                           vocab_size=50304)  # a nicer number: 128 * 393  # fmt: skip
+                           attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
+                           vocab_size=50304)  # 128 * 393: a shape kernels tile evenly  # fmt: skip
     raw_model = GPT(config).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model  # compile
+    model = torch.compile(raw_model) if cfg.compile else raw_model  # compile: a few fused kernels
     print(f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
           f"compile {cfg.compile}")  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

@@ -1,21 +1,12 @@
-"""Stage 06: GPT-3's optimization recipe, applied to GPT-2.
+"""Stage 06: GPT-3's optimization recipe, applied to GPT-2 (whose paper gives few details).
 
-GPT-2's paper gives few training details, so we borrow GPT-3 small's (same size):
-  AdamW    betas (0.9, 0.95), eps 1e-8; fused into one CUDA kernel on a GPU
-  decay    weight decay 0.1 on matmuls and embeddings (>= 2 dims), none on biases/LayerNorms
-  clip     the global gradient norm is clipped to 1.0 (printed each step: spikes show trouble)
-  lr       linear warmup, then cosine decay from 6e-4 to 6e-5
-  batch    524,288 = 2**19 tokens per step (~0.5M, as GPT-3), reached by gradient
-           accumulation: several micro-batches, loss scaled by 1/steps, one optimizer step
-All of stage 05's speedups stay on (--speedups picks how many).
+AdamW's betas, decay groups, fused kernel; clipping; warmup + cosine; 2**19-token steps.
 
-Run on CPU (tiny preset, 2 micro-steps of 8x64, ~20 s):  python 06_hyperparams.py
-Run on a GPU at the real size (32 micro-steps of 16x1024): python 06_hyperparams.py --preset gpt2
+Run: python 06_hyperparams.py   (no GPU: tiny preset, 2 micro-steps of 8x64, ~20 s)
 """
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,7 +16,7 @@ from common import UserError
 from common.cli import parse_args
 from common.data import TextLoader, get_tokenizer, load_text
 from common.model import GPT, preset_config
-from common.train import lr_at, make_optimizer, pick_device, seed_all, step_line, synchronize
+from common.train import amp_dtype, pick_device, seed_all, step_line, synchronize
 
 
 @dataclass
@@ -36,53 +27,33 @@ class Config:
     batch_size: int = 16  # sequences per step
     seq_len: int = 1024  # tokens per sequence
     steps: int = 50  # optimizer steps
-    max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
-    min_lr: float = 6e-5  # learning rate at the end of the cosine (10% of the peak)
+    max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup; min_lr is 10%
     warmup_steps: int = 10  # linear warmup from max_lr / warmup_steps
     weight_decay: float = 0.1  # AdamW decay on >= 2-D parameters only
     grad_clip: float = 1.0  # clip the global gradient norm to this
-    total_batch: int = 524288  # tokens per optimizer step (2**19); a multiple of B*T
+    total_batch: int = 524288  # tokens per optimizer step (2**19, as GPT-3); a multiple of B*T
     seed: int = 1337  # same seed, same weights, same run
-    speedups: str = "compile"  # train with every stage-05 speedup up to this one
-    cpu: ClassVar[dict] = dict(
-        preset="tiny", batch_size=8, seq_len=64, steps=30, max_lr=2e-3, min_lr=2e-4,
-        warmup_steps=5, total_batch=1024, speedups="vocab",
-    )  # fmt: skip
+    dtype: str = "bfloat16"  # autocast dtype: bfloat16, float16 (+ GradScaler) or float32 (off)
+    compile: bool = True  # torch.compile the model (off on a CPU: compiling outlasts 30 steps)
+    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, max_lr=2e-3,
+                               warmup_steps=5, total_batch=1024, compile=False)  # fmt: skip
 
 
-ROWS = ("fp32", "tf32", "bf16", "flash", "vocab", "compile")
+def lr_at(step, max_lr, warmup_steps, max_steps):
+    """GPT-3's schedule: linear warmup to max_lr, cosine decay to 10% of it at max_steps."""
+    min_lr = 0.1 * max_lr
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def unavailable(row, device):
-    """Why a row cannot apply on this device, or None."""
-    cuda = device.startswith("cuda")
-    if row == "tf32" and not cuda:
-        return "TF32 is a CUDA tensor-core mode; CPU fp32 matmuls do not change"
-    if row == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bf16 (needs Ampere / sm_80 or newer)"
-    if row == "compile" and device == "mps":
-        return "torch.compile does not support MPS well yet"
-    return None
-
-
-def build(cfg, row, device):
-    """A fresh model with every speedup up to `row` on; returns (model, compiled, autocast)."""
-    if row not in ROWS:
-        raise UserError(f"unknown speedup row '{row}': choose one of {', '.join(ROWS)}")
-    on = [r for r in ROWS[: ROWS.index(row) + 1] if not unavailable(r, device)]
-    torch.set_float32_matmul_precision("high" if "tf32" in on else "highest")  # tf32
-    ctx = nullcontext()
-    if "bf16" in on:  # autocast picks bf16 per op; softmax, norms and the loss stay fp32
-        ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    config = preset_config(
-        cfg.preset, tie_weights=True, gpt2_init=True,
-        attn="sdpa" if "flash" in on else "manual",  # flash
-        vocab_size=50304 if "vocab" in on else 50257,  # vocab
-    )  # fmt: skip
-    seed_all(cfg.seed)
-    model = GPT(config).to(device)
-    compiled = torch.compile(model) if "compile" in on else model  # compile
-    return model, compiled, ctx
+def make_optimizer(model, weight_decay, lr, device):
+    """AdamW, GPT-3's betas; weight decay on matmuls and embeddings, not biases and norms."""
+    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]  # fmt: skip
+    fused = str(device).startswith("cuda")  # one CUDA kernel for all parameters, not a loop
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def main(cfg):
@@ -99,14 +70,19 @@ def main(cfg):
     if cfg.total_batch % (B * T):
         raise UserError(f"--total-batch {cfg.total_batch} is not a multiple of B*T = {B * T}")
     accum_steps = cfg.total_batch // (B * T)  # micro-batches per optimizer step
-    print(f"total batch {cfg.total_batch:,} tokens = {accum_steps} micro-steps of {B}x{T}")
 
-    model, compiled, ctx = build(cfg, cfg.speedups, device)
-    print(f"training with speedups up to '{cfg.speedups}': {model.num_params():,} parameters")
-    optimizer, groups = make_optimizer(model, cfg.weight_decay, cfg.max_lr, device)
-    print(f"decayed: {groups['decay'][0]} tensors, {groups['decay'][1]:,} parameters; "
-          f"not decayed: {groups['no_decay'][0]} tensors, {groups['no_decay'][1]:,} parameters; "
-          f"fused AdamW: {groups['fused']}")  # fmt: skip
+    torch.set_float32_matmul_precision("high")  # tf32: fp32 matmuls on tensor cores (10-bit)
+    dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # T4, V100
+    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04, in common/
+                           attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
+                           vocab_size=50304)  # 128 * 393: a shape kernels tile evenly  # fmt: skip
+    raw_model = GPT(config).to(device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model  # compile: a few fused kernels
+    print(f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
+          f"compile {cfg.compile}; {accum_steps} micro-steps of {B}x{T} per step")  # fmt: skip
+    optimizer = make_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device)
 
     losses, norms = [], []
     for step in range(cfg.steps):
@@ -116,32 +92,28 @@ def main(cfg):
         for micro_step in range(accum_steps):
             x, y = loader.next_batch()
             x, y = x.to(device), y.to(device)
-            with ctx:
-                logits, loss = compiled(x, y)
+            with autocast:  # bf16: matmuls in bfloat16; softmax, norms and the loss stay fp32
+                logits, loss = model(x, y)
             loss = loss / accum_steps  # the mean over the whole batch, not a sum of means
             loss_accum += loss.detach()
-            loss.backward()  # gradients add up across micro-steps
+            scaler.scale(loss).backward()  # gradients add up across micro-steps
+        scaler.unscale_(optimizer)  # float16: the true gradients, before clipping them
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # pre-clip norm
-        lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+        lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)  # (unscales first; skips the step if a gradient overflowed)
+        scaler.update()
         synchronize(device)
         dt = time.perf_counter() - t0
         losses.append(loss_accum.item())
         norms.append(norm.item())
-        tokens_per_s = B * T * accum_steps / dt
-        print(step_line(step, losses[-1], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=tokens_per_s))
+        print(step_line(step, losses[-1], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=cfg.total_batch / dt))  # fmt: skip
 
-    print(
-        f"loss at init {losses[0]:.4f} vs ln(vocab_size) = {math.log(model.config.vocab_size):.4f}"
-    )
     print(
         f"summary: {cfg.steps} steps of {cfg.total_batch:,} tokens: loss {losses[0]:.3f} -> {losses[-1]:.4f}"
     )
-    return dict(
-        losses=losses, final_loss=losses[-1], params=model.num_params(), norms=norms, groups=groups
-    )
+    return dict(losses=losses, final_loss=losses[-1], norms=norms)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def flops_per_token(model, seq_len):
 # stage 05's table: each speedup switched on in turn, on top of the ones before it
 ROWS = ("fp32", "tf32", "bf16", "fp16", "flash", "vocab", "compile")
 ROUNDS = 3  # timed rounds; every round times every row once, in turn
+WARMUP = 3  # untimed steps per row first (compilation happens here)
 
 
 def table_rows(device, dtype="bfloat16"):
@@ -83,8 +84,11 @@ def table_rows(device, dtype="bfloat16"):
 
 
 def check_row(name):
-    if name and name not in ROWS:
-        raise UserError(f"unknown speedup row '{name}': choose one of {', '.join(ROWS)}")
+    """--benchmark: all, none, or one row's name."""
+    if name not in ("all", "none", *ROWS):
+        raise UserError(
+            f"unknown --benchmark '{name}': choose all, none or one row: {', '.join(ROWS)}"
+        )
 
 
 def unavailable(row, device):
@@ -162,17 +166,21 @@ def speedup_table(cfg, device):
     so no row pays a warm-up or a slow moment of the machine that the others do not;
     each row reports the median step. --compare-hf adds transformers' GPT-2 with the last
     row's settings."""
-    check_row(cfg.only)
+    check_row(cfg.benchmark)
+    if cfg.benchmark == "none":
+        return None
+    only = "" if cfg.benchmark == "all" else cfg.benchmark
     ladder = table_rows(device, getattr(cfg, "dtype", "bfloat16"))
-    if cfg.only and cfg.only not in ladder:  # e.g. --only fp16 where the table has bf16
-        ladder = [cfg.only if r in ("bf16", "fp16") else r for r in ladder]
-    names = [cfg.only] if cfg.only else ladder
+    if only and only not in ladder:  # e.g. fp16 alone where the table has bf16
+        ladder = [only if r in ("bf16", "fp16") else r for r in ladder]
+    names = [only] if only else ladder
     g = torch.Generator().manual_seed(cfg.seed)
     xy = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
     x, y = xy[:, :-1], xy[:, 1:]
-    peak_name, peak = known_peak(device)
-    if cfg.measure_peak:
-        peak_name, peak = "measured bf16 matmul", measure_peak(device)
+    measured = measure_peak(device)  # a few large bf16 matmuls: what this device reaches
+    peak_name, peak = known_peak(device)  # the datasheet's, for a GPU we know
+    if peak is None:
+        peak_name, peak = "measured bf16 matmul", measured
     rows, runs = [], []
     for name in names:
         if reason := unavailable(name, device):
@@ -191,7 +199,7 @@ def speedup_table(cfg, device):
         runs.append(hf)
         rows.append(dict(name=hf.name, status="ok"))
     for run in runs:  # compilation and warm-up, untimed
-        run.run(x, y, cfg.warmup, timed=False)
+        run.run(x, y, WARMUP, timed=False)
     for _ in range(ROUNDS):
         for run in runs:
             run.run(x, y, max(1, cfg.timed // ROUNDS))
@@ -204,11 +212,11 @@ def speedup_table(cfg, device):
     timed = ROUNDS * max(1, cfg.timed // ROUNDS)
     print(f"benchmark: {hardware_name(device)}, torch {torch.__version__}, B={cfg.batch_size}, "
           f"T={cfg.seq_len}, preset {cfg.preset}; median of {timed} steps in {ROUNDS} interleaved "
-          f"rounds after {cfg.warmup} warm-up; MFU vs "
-          f"{peak_name or 'no known peak (--measure-peak measures one)'}")  # fmt: skip
+          f"rounds after {WARMUP} warm-up; MFU vs {peak_name} ({peak / 1e12:.3g} TFLOP/s)")  # fmt: skip
     print(format_table(rows))
     result = dict(hardware=hardware_name(device), torch=torch.__version__, device=str(device),
-                  peak=peak, peak_name=peak_name, config=asdict(cfg), rows=rows)  # fmt: skip
+                  peak=peak, peak_name=peak_name, measured_peak=measured, config=asdict(cfg),
+                  rows=rows)  # fmt: skip
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -101,35 +101,23 @@ def teardown_dist(d):
         dist.destroy_process_group()
 
 
-def lr_at(step, max_lr, min_lr, warmup_steps, max_steps):
-    """GPT-3's schedule: linear warmup to max_lr, cosine decay to min_lr at max_steps, then flat."""
+def lr_at(step, max_lr, warmup_steps, max_steps):
+    """Stage 06's, as 06_hyperparams.py writes it (a test keeps the two the same).
+    GPT-3's schedule: linear warmup to max_lr, cosine decay to 10% of it at max_steps."""
+    min_lr = 0.1 * max_lr
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on every tensor with >= 2 dims (matmuls, embeddings), none on biases and
-    LayerNorm gains: shrinking those would only fight the normalization."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [
-        dict(params=decay, weight_decay=weight_decay),
-        dict(params=no_decay, weight_decay=0.0),
-    ]
-
-
-def make_optimizer(model, weight_decay, lr, device, betas=(0.9, 0.95), eps=1e-8):
-    """AdamW with GPT-3's betas and decay groups; the fused CUDA kernel when on a GPU."""
-    groups = param_groups(model, weight_decay)
-    fused = str(device).startswith("cuda")  # one kernel for all parameters instead of a loop
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-    counts = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in groups]
-    return optimizer, dict(decay=counts[0], no_decay=counts[1], fused=fused)
+def make_optimizer(model, weight_decay, lr, device):
+    """Stage 06's. AdamW, GPT-3's betas; weight decay on matmuls and embeddings, not biases
+    and norms."""
+    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]  # fmt: skip
+    fused = str(device).startswith("cuda")  # one CUDA kernel for all parameters, not a loop
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 class MetricsLog:
