@@ -126,17 +126,24 @@ def shard_files(data_dir, split):
 class ShardLoader:
     """Serves (B, T) batches from uint16 token shards, one rank's share under DDP, resumable.
 
-    One step reads B*T*world_size consecutive tokens (+1 for the last target): rank r takes
-    the window starting at pos + r*B*T, so the ranks see disjoint data and together the same
-    tokens one process would see with world_size times the batch. When the next step would
-    run off the end of a shard, all ranks move to the next shard (the last wraps to the
-    first); the few tokens left at a shard's end are skipped. state_dict() is (shard, pos),
-    enough to continue exactly."""
+    One micro-step reads B*T*world_size consecutive tokens: rank r takes the window starting
+    at pos + r*B*T, so the ranks see disjoint data and together the same tokens one process
+    would see with world_size times the batch. `step_tokens` is the optimizer step's total
+    batch (all ranks, all micro-steps; default one micro-step): shards change only between
+    optimizer steps, when the next whole step would run off the end of the shard (the last
+    wraps to the first; the few tokens left are skipped). So 1 process x k micro-steps and
+    k processes x 1 read the same tokens for any shard size. state_dict() is the position,
+    taken between optimizer steps, enough to continue exactly."""
 
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1):
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, step_tokens=0):
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
-        self.step_tokens = batch_size * seq_len * world_size  # tokens all ranks read per step
+        self.micro_tokens = batch_size * seq_len * world_size  # all ranks, one micro-step
+        self.step_tokens = step_tokens or self.micro_tokens  # all ranks, one optimizer step
+        if self.step_tokens % self.micro_tokens:
+            raise UserError(
+                f"total batch {self.step_tokens} is not a multiple of B*T*GPUs = {self.micro_tokens}"
+            )
         self.files = []
         for path in shard_files(data_dir, split):  # check all now (headers only), not hours in
             if len(self._open(path)) >= self.step_tokens + 1:
@@ -148,8 +155,8 @@ class ShardLoader:
         if not self.files:
             raise UserError(
                 f"every '{split}' shard in {data_dir} holds fewer tokens than one step needs "
-                f"(batch_size*seq_len*world_size+1 = {self.step_tokens + 1:,}): lower "
-                "--batch-size or --seq-len, or make bigger shards (--shard-size)"
+                f"(total batch + 1 = {self.step_tokens + 1:,}): lower --batch-size, --seq-len or "
+                "--total-batch, or make bigger shards (--shard-size)"
             )
         self.reset()
 
@@ -170,7 +177,7 @@ class ShardLoader:
         return tokens
 
     def _load(self, shard, pos):
-        self.shard, self.pos = shard, pos
+        self.shard, self.pos, self.in_step = shard, pos, 0
         self.tokens = self._open(self.files[shard])
 
     def reset(self):
@@ -179,13 +186,14 @@ class ShardLoader:
 
     def next_batch(self):
         B, T = self.B, self.T
-        start = self.pos + self.rank * B * T  # this rank's window within the step
+        start = self.pos + self.rank * B * T  # this rank's window within the micro-step
         buf = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token of each input
-        self.pos += self.step_tokens
-        if self.pos + self.step_tokens + 1 > len(self.tokens):  # next step won't fit: next shard
-            self._load((self.shard + 1) % len(self.files), 0)
+        self.pos += self.micro_tokens
+        self.in_step = (self.in_step + self.micro_tokens) % self.step_tokens
+        if self.in_step == 0 and self.pos + self.step_tokens + 1 > len(self.tokens):
+            self._load((self.shard + 1) % len(self.files), 0)  # the next step won't fit: next shard
         return x, y
 
     def state_dict(self):

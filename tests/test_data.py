@@ -36,7 +36,7 @@ def test_loader_shapes_shift_and_wrap():
 
 
 def test_loader_too_short_is_user_error():
-    with pytest.raises(UserError, match="fewer than one batch"):
+    with pytest.raises(UserError, match="shorter than one batch"):
         TextLoader(list(range(10)), batch_size=2, seq_len=8)
 
 

@@ -143,3 +143,26 @@ def test_state_from_a_bigger_step_moves_on(tmp_path):
     loader.load_state_dict({"shard": 0, "pos": 32})  # 32 + 8 + 1 > 40
     assert loader.state_dict() == {"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"}
     assert where(loader.next_batch()[0]) == (1, 0)
+
+
+@pytest.mark.parametrize("sizes", [[101, 77, 130], [50, 50, 50], [64, 200, 33]])
+def test_one_process_with_accumulation_reads_what_two_processes_read(tmp_path, sizes):
+    """1 process x 2 micro-steps == 2 processes x 1 for shards that divide unevenly: shards
+    change only between optimizer steps, so both runs skip the same tail of each shard."""
+    d = make_shards(tmp_path, sizes)
+    step = 2 * B * T  # the optimizer step's tokens
+    one = ShardLoader(d, "train", B, T, step_tokens=step)
+    two = [ShardLoader(d, "train", B, T, rank=r, world_size=2, step_tokens=step) for r in (0, 1)]
+    shards_seen = set()
+    for _ in range(40):  # several passes over every shard, wrap included
+        a = torch.cat([one.next_batch()[0] for _ in range(2)])  # micro-steps 0 and 1
+        b = torch.cat([loader.next_batch()[0] for loader in two])  # ranks 0 and 1
+        assert torch.equal(a, b)
+        shards_seen.add(where(a)[0])
+        assert one.state_dict() == two[0].state_dict() == two[1].state_dict()
+    assert shards_seen == set(range(len(sizes)))
+
+
+def test_step_tokens_must_be_a_multiple_of_the_micro_step(tmp_path):
+    with pytest.raises(UserError, match="not a multiple of B\\*T\\*GPUs"):
+        ShardLoader(make_shards(tmp_path, [100]), "train", B, T, step_tokens=12)
