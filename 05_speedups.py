@@ -36,6 +36,7 @@ class Config:
     compare_hf: bool = False  # also time transformers' GPT2LMHeadModel, same settings
     json: str = ""  # write the table to this JSON file
     cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, lr=1e-3, compile=False, timed=6)  # fmt: skip
+    rules: ClassVar[dict] = dict(steps=">= 0")  # --steps 0: the table alone
 
 
 def main(cfg):

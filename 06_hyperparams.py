@@ -41,11 +41,10 @@ class Config:
 
 def lr_at(step, max_lr, warmup_steps, max_steps):
     """GPT-3's schedule: linear warmup to max_lr, cosine decay to 10% of it at max_steps."""
-    min_lr = 0.1 * max_lr
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # 1 -> 0.1
 
 
 def make_optimizer(model, weight_decay, lr, device):

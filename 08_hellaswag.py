@@ -30,7 +30,7 @@ from common.cli import parse_args
 from common.export import to_hf
 from common.hellaswag import REFERENCE, all_reduce, evaluate, load_examples
 from common.hf import from_pretrained
-from common.train import seed_all, setup_dist, teardown_dist
+from common.train import print0, seed_all, setup_ddp
 
 
 @dataclass
@@ -58,58 +58,60 @@ def hf_twin(cfg, model):
 
 
 def main(cfg):
-    d = setup_dist(cfg.device)
-    say = print if d.master else lambda *a, **k: None  # rank 0 alone prints
+    ddp = setup_ddp(cfg.device)  # one process, or one of torchrun's (stage 07)
     try:
         seed_all(cfg.seed)
         examples = load_examples(cfg.split, cfg.data or None, cfg.limit)
         if cfg.ckpt:
-            model, ckpt = model_from_checkpoint(cfg.ckpt, d.device)
+            model, ckpt = model_from_checkpoint(cfg.ckpt, ddp.device)
             name = f"{cfg.ckpt} (step {ckpt['step']})"
         else:
-            model, name = from_pretrained(cfg.model).to(d.device), cfg.model
+            model, name = from_pretrained(cfg.model).to(ddp.device), cfg.model
         # bf16 on a GPU for speed; fp32 on CPU, and for --compare-hf (bf16 rounding flips near-ties)
-        cuda = d.device.startswith("cuda")
+        cuda = ddp.device.startswith("cuda")
         amp = torch.bfloat16 if cuda and not cfg.compare_hf else None
         source = cfg.data or f"the {cfg.split} split"
-        say(f"scoring {len(examples):,} HellaSwag examples from {source} with {name} on "
-            f"{d.device} ({d.world_size} process{'es' if d.world_size > 1 else ''})")  # fmt: skip
+        print0(f"scoring {len(examples):,} HellaSwag examples from {source} with {name} on "
+               f"{ddp.device} ({ddp.world_size} process{'es' if ddp.world_size > 1 else ''})")  # fmt: skip
 
-        run = dict(batch_size=cfg.batch_size, rank=d.rank, world_size=d.world_size)
-        res = evaluate(model, examples, d.device, autocast_dtype=amp, details=cfg.compare_hf, **run)
-        say(f"hellaswag {cfg.split}: {res['n']:,} examples | acc {res['acc']:.4f} | "
-            f"acc_norm {res['acc_norm']:.4f} | {res['examples_per_s']:.1f} examples/s")  # fmt: skip
+        share = dict(batch_size=cfg.batch_size, rank=ddp.rank, world_size=ddp.world_size)
+        res = evaluate(
+            model, examples, ddp.device, autocast_dtype=amp, details=cfg.compare_hf, **share
+        )
+        print0(f"hellaswag {cfg.split}: {res['n']:,} examples | acc {res['acc']:.4f} | "
+               f"acc_norm {res['acc_norm']:.4f} | {res['examples_per_s']:.1f} examples/s")  # fmt: skip
 
         out = {k: res[k] for k in ("acc", "acc_norm", "n", "correct", "correct_norm", "seconds")}
         out["examples_per_s"] = res["examples_per_s"]
         if cfg.compare_hf:
-            hf = hf_twin(cfg, model).to(d.device)
-            ref = evaluate(hf, examples, d.device, details=True, **run)
+            hf = hf_twin(cfg, model).to(ddp.device)
+            ref = evaluate(hf, examples, ddp.device, details=True, **share)
             differ = [
                 (a, b) != (c, e)
                 for a, b, c, e in zip(res["pred"], res["pred_norm"], ref["pred"], ref["pred_norm"])
             ]
             gap = (res["loss_avg"] - ref["loss_avg"]).abs().max().item() if differ else 0.0
-            n_differ = all_reduce([sum(differ)], d.device)[0]  # over all ranks
-            gap = all_reduce([gap], d.device, op="max")[0]
+            n_differ = all_reduce([sum(differ)], ddp.device)[0]  # over all ranks
+            gap = all_reduce([gap], ddp.device, op="max")[0]
             out.update(hf_acc=ref["acc"], hf_acc_norm=ref["acc_norm"], disagree=int(n_differ),
                        max_loss_diff=gap)  # fmt: skip
-            say(f"transformers GPT2LMHeadModel: acc {ref['acc']:.4f} | acc_norm "
-                f"{ref['acc_norm']:.4f} | predictions that differ: {out['disagree']} of "
-                f"{res['n']:,} | max |loss difference| per ending: {gap:.2e}")  # fmt: skip
+            print0(f"transformers GPT2LMHeadModel: acc {ref['acc']:.4f} | acc_norm "
+                   f"{ref['acc_norm']:.4f} | predictions that differ: {out['disagree']} of "
+                   f"{res['n']:,} | max |loss difference| per ending: {gap:.2e}")  # fmt: skip
 
-        say("reference acc_norm (all 10,042 val examples, this completion-style scoring):")
+        print0("reference acc_norm (all 10,042 val examples, this completion-style scoring):")
         for model_name, acc_norm, source in REFERENCE:
-            say(f"  {model_name:<30} {acc_norm:.4f}  ({source})")
-        say(f"  {'random guessing':<30} {0.25:.4f}")
-        say(f"summary: HellaSwag {cfg.split} acc_norm {res['acc_norm']:.4f} over {res['n']:,} "
-            f"examples ({res['examples_per_s']:.1f} examples/s)")  # fmt: skip
-        if cfg.json and d.master:
+            print0(f"  {model_name:<30} {acc_norm:.4f}  ({source})")
+        print0(f"  {'random guessing':<30} {0.25:.4f}")
+        print0(f"summary: HellaSwag {cfg.split} acc_norm {res['acc_norm']:.4f} over {res['n']:,} "
+               f"examples ({res['examples_per_s']:.1f} examples/s)")  # fmt: skip
+        if cfg.json and ddp.master:
             with open(cfg.json, "w") as f:
-                json.dump(dict(out, config=asdict(cfg), world_size=d.world_size), f, indent=1)
+                json.dump(dict(out, config=asdict(cfg), world_size=ddp.world_size), f, indent=1)
         return out
     finally:
-        teardown_dist(d)
+        if ddp.enabled:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

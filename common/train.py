@@ -1,4 +1,5 @@
-"""Training plumbing the stages share: device pick, seeding, the step line, DDP setup."""
+"""Training plumbing the stages share: device pick, seeding, the step line, DDP setup,
+the LR schedule and optimizer of stage 06, metrics.jsonl."""
 
 import json
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common import UserError
 
@@ -68,47 +70,43 @@ class Dist:
     local_rank: int = 0  # GPU index on this node
     world_size: int = 1
     device: str = "cpu"
-    ddp: bool = False
+    enabled: bool = False  # under torchrun, with a process group
 
     @property
     def master(self):
         return self.rank == 0
 
 
-def setup_dist(device="auto"):
-    """Under torchrun (RANK/WORLD_SIZE set): join the process group, NCCL on CUDA, gloo on CPU.
-    Otherwise a plain one-process run on `device`."""
+def setup_ddp(device):
+    """Stage 07's, as 07_ddp_fineweb.py writes it. torchrun starts one process per GPU and tells each who it is: RANK (0..N-1 over all
+    nodes), LOCAL_RANK (its GPU on this node), WORLD_SIZE (N). Without them: one process."""
     if "RANK" not in os.environ:
         return Dist(device=pick_device(device))
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
+        device = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl")
-    else:
+        dist.init_process_group(backend="nccl")  # NVIDIA's collectives, over NVLink/network
+    else:  # CPU: gloo, so the same code runs (and is tested) without a GPU
         device = pick_device("cpu" if device == "auto" else device)
         dist.init_process_group(backend="gloo")
-    return Dist(rank, local_rank, world_size, device, ddp=True)
+    return Dist(rank, local_rank, world_size, device, enabled=True)
 
 
-def teardown_dist(d):
-    if d.ddp:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+def print0(*args, **kwargs):
+    """print, on rank 0 only (torchrun sets RANK in every process it starts)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
 
 
 def lr_at(step, max_lr, warmup_steps, max_steps):
     """Stage 06's, as 06_hyperparams.py writes it (a test keeps the two the same).
     GPT-3's schedule: linear warmup to max_lr, cosine decay to 10% of it at max_steps."""
-    min_lr = 0.1 * max_lr
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # 1 -> 0.1
 
 
 def make_optimizer(model, weight_decay, lr, device):
