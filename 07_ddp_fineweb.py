@@ -135,7 +135,7 @@ def main(cfg):
 
     losses, norms, val_losses = {}, [], {}
     for step in range(run.start_step, cfg.steps):
-        last, tokens = step == cfg.steps - 1, step * cfg.total_batch
+        last, tokens = step == cfg.steps - 1, run.tokens_at(step)
         if cfg.val_every and (step % cfg.val_every == 0 or last):
             val_losses[step] = evaluate_val(model, val_loader, autocast, cfg.val_steps, ddp)
             print0(f"step {step:5d} | val loss {val_losses[step]:.4f}")
@@ -183,7 +183,7 @@ def main(cfg):
         norms.append(norm.item())
         print0(step_line(step, losses[step], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=cfg.total_batch / dt, total=cfg.steps, eta=run.eta(step)))  # fmt: skip
         run.log(step=step, split="train", loss=losses[step], lr=lr, norm=norms[-1], dt=dt,
-                tokens_per_s=cfg.total_batch / dt, mfu=run.mfu(dt), tokens=tokens + cfg.total_batch)  # fmt: skip
+                tokens_per_s=cfg.total_batch / dt, mfu=run.mfu(dt), tokens=run.tokens_at(step + 1))  # fmt: skip
         if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
             run.save(step + 1)  # rank 0 writes; the model, optimizer and loader given above
 

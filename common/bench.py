@@ -14,6 +14,7 @@ from dataclasses import asdict
 import torch
 
 from common import UserError
+from common.model import GPT, GPT2_VOCAB, preset_config
 from common.train import synchronize
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (FLOP/s), matched by GPU name.
@@ -108,8 +109,6 @@ class Row:
     same switches stage 05 writes out), its optimizer, and one training step."""
 
     def __init__(self, name, on, preset, seed, device, lr=3e-4):
-        from common.model import GPT, preset_config  # the model, not the harness, is the lesson
-
         self.name, self.device = name, device
         self.precision = "high" if "tf32" in on else "highest"  # tf32
         half = torch.bfloat16 if "bf16" in on else torch.float16 if "fp16" in on else None
@@ -119,7 +118,7 @@ class Row:
         config = preset_config(
             preset, tie_weights=True, gpt2_init=True,
             attn="sdpa" if "flash" in on else "manual",  # flash
-            vocab_size=50304 if "vocab" in on else 50257,  # vocab
+            vocab_size=50304 if "vocab" in on else GPT2_VOCAB,  # vocab
         )  # fmt: skip
         torch.manual_seed(seed)
         self.raw_model = GPT(config).to(device)
@@ -128,12 +127,14 @@ class Row:
         self.times, self.peak_mb = [], None
 
     def step(self, x, y):
+        """One training step, as stage 05's loop takes it; returns the loss (a tensor)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             _, loss = self.model(x, y)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return loss.detach()
 
     def run(self, x, y, n, timed=True):
         """n steps; timed ones append their seconds (synchronized clocks) to self.times."""
@@ -174,8 +175,10 @@ def speedup_table(cfg, device):
     if only and only not in ladder:  # e.g. fp16 alone where the table has bf16
         ladder = [only if r in ("bf16", "fp16") else r for r in ladder]
     names = [only] if only else ladder
+    if only and (reason := unavailable(only, device)):
+        raise UserError(f"--benchmark {only} does not apply here: {reason}")
     g = torch.Generator().manual_seed(cfg.seed)
-    xy = torch.randint(0, 50257, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    xy = torch.randint(0, 50000, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
     x, y = xy[:, :-1], xy[:, 1:]
     measured = measure_peak(device)  # a few large bf16 matmuls: what this device reaches
     peak_name, peak = known_peak(device)  # the datasheet's, for a GPU we know

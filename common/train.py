@@ -39,10 +39,13 @@ def seed_all(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def step_line(step, loss, lr=None, norm=None, dt=None, tokens_per_s=None):
+def step_line(step, loss, lr=None, norm=None, dt=None, tokens_per_s=None, total=None, eta=None):
     """The one step-line format of every stage (fields appear from the stage that adds them):
-    step    12 | loss 6.1234 | lr 6.00e-04 | norm 1.234 | dt 812.3ms | tok/s 20,171"""
-    parts = [f"step {step:5d}", f"loss {loss:.4f}"]
+    step    12 | loss 6.1234 | lr 6.00e-04 | norm 1.234 | dt 812.3ms | tok/s 20,171
+    With `total` (stage 07) the step shows progress and the line ends with the time left:
+    step  1200/19073 (6.3%) | loss 3.4567 | ... | tok/s 520,000 | eta 4h12m"""
+    head = f"step {step:5d}" + (f"/{total} ({100 * (step + 1) / total:.1f}%)" if total else "")
+    parts = [head, f"loss {loss:.4f}"]
     if lr is not None:
         parts.append(f"lr {lr:.2e}")
     if norm is not None:
@@ -51,6 +54,8 @@ def step_line(step, loss, lr=None, norm=None, dt=None, tokens_per_s=None):
         parts.append(f"dt {dt * 1000:.1f}ms")
     if tokens_per_s is not None:
         parts.append(f"tok/s {tokens_per_s:,.0f}")
+    if total:
+        parts.append(f"eta {format_eta(eta)}")
     return " | ".join(parts)
 
 
