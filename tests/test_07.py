@@ -148,13 +148,14 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
     assert "resumed from step 4" in text
     resumed = read_metrics(tmp_path / "cut")
 
-    def losses(rows, split):
-        return [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+    def losses(rows, split):  # {step: loss}: pytest.approx compares a flat dict, not pairs
+        return {r["step"]: r["loss"] for r in rows if r["split"] == split}
 
     # one line per step, as if never interrupted, and the very same numbers (CPU, fp32)
-    assert [s for s, _ in losses(resumed, "train")] == list(range(8))
+    assert [r["step"] for r in resumed if r["split"] == "train"] == list(range(8))
     assert losses(resumed, "train") == pytest.approx(losses(full, "train"), abs=1e-6)
     assert losses(resumed, "val") == pytest.approx(losses(full, "val"), abs=1e-6)
+    assert list(losses(resumed, "val")) == [0, 4, 7]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rc, _, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")  # nothing left to do
