@@ -169,3 +169,27 @@ def test_wandb_offline_gets_the_records(tmp_path, monkeypatch):
 )  # fmt: skip
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_header_on_a_gpu_machine(tmp_path, monkeypatch):
+    """The CUDA branch without a GPU: what torch and nvidia-smi would say, stubbed."""
+    import common.train as train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(train, "_cuda_driver", lambda: "550.54.15")
+    MetricsLog(tmp_path, run_config={"steps": 1})
+    run = read_run_header(tmp_path)
+    assert (run["gpu"], run["gpu_count"], run["cuda_driver"]) == (
+        "NVIDIA H100 80GB HBM3",
+        8,
+        "550.54.15",
+    )
+
+
+def test_cuda_driver_without_nvidia_smi(monkeypatch):
+    import common.train as train
+
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi to be found
+    assert train._cuda_driver() is None
