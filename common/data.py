@@ -214,3 +214,66 @@ class ShardLoader:
         self._load(shard, pos)
         if self.pos + self.step_tokens + 1 > len(self.tokens):  # e.g. a bigger batch than before
             self._load((shard + 1) % len(self.files), 0)
+
+
+# ---- `python -m common.data`: the inputs the stages read, fetched or made once -----------
+#   python -m common.data --tiny-shakespeare input.txt      # 02-06: --input input.txt
+#   python -m common.data --docs-jsonl docs.jsonl           # 07's small run, via common.fineweb
+#   python -m common.data --text my.txt --docs-jsonl docs.jsonl
+
+from dataclasses import dataclass  # noqa: E402  (kept beside the one class that needs it)
+
+
+@dataclass
+class DataConfig:
+    tiny_shakespeare: str = ""  # download tiny shakespeare (sha256-checked) and write it here
+    docs_jsonl: str = ""  # write a text split at blank lines here, one {"text": doc} per line
+    text: str = ""  # the text for --docs-jsonl; empty: tiny shakespeare
+
+
+def split_documents(text):
+    """A text -> its documents: the pieces between blank lines that hold more than spaces."""
+    return [d for d in text.split("\n\n") if d.strip()]
+
+
+def _write_atomic(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(cfg):
+    import json
+
+    if not (cfg.tiny_shakespeare or cfg.docs_jsonl):
+        raise UserError("nothing to do: give --tiny-shakespeare PATH and/or --docs-jsonl PATH")
+    result = {}
+    if cfg.tiny_shakespeare:  # into the cache first, so stages run without --input find it too
+        cached = download(
+            TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt", TINY_SHAKESPEARE_SHA256
+        )
+        text = cached.read_text(encoding="utf-8")
+        _write_atomic(cfg.tiny_shakespeare, text)
+        print(f"wrote {cfg.tiny_shakespeare}: tiny shakespeare, {len(text):,} characters")
+        result["tiny_shakespeare"] = cfg.tiny_shakespeare
+    if cfg.docs_jsonl:
+        source = cfg.text or cfg.tiny_shakespeare
+        if source and not os.path.isfile(source):
+            raise UserError(f"--text {source}: file not found")
+        docs = split_documents(load_text(source or None))
+        if not docs:
+            raise UserError(f"{source}: no text to split into documents")
+        _write_atomic(cfg.docs_jsonl, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        print(f"wrote {cfg.docs_jsonl}: {len(docs):,} documents of {source or 'tiny shakespeare'}")
+        print(f"next: python -m common.fineweb --data-files {cfg.docs_jsonl} --shard-size 100000 "
+              "--out-dir data/tiny")  # fmt: skip
+        result.update(docs_jsonl=cfg.docs_jsonl, docs=len(docs))
+    return result
+
+
+if __name__ == "__main__":
+    from common.cli import parse_args
+
+    main(parse_args(DataConfig))

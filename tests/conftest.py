@@ -1,8 +1,13 @@
-"""Shared test fixtures: offline tokenizer, a tiny-shakespeare stand-in, stage loading."""
+"""Shared test fixtures: offline tokenizer, a tiny-shakespeare sample, stage loading.
+
+The suite needs no network and nothing outside the repo but tiktoken's gpt2 files, found
+through TIKTOKEN_CACHE_DIR. In-process code that tries to reach another host fails at once
+(see `no_network`); downloads are tested against a local server on 127.0.0.1."""
 
 import importlib.util
+import ipaddress
 import os
-import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +15,46 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# the first 64 KiB of tiny shakespeare (karpathy/char-rnn; public domain), cut at a blank line
+SHAKESPEARE = ROOT / "tests" / "data" / "shakespeare_sample.txt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use local stand-ins, never the hub
-# tiktoken fetches its gpt2 files from the network unless they are in this cache
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+# tiktoken fetches its gpt2 files from the network unless they are in TIKTOKEN_CACHE_DIR.
+# A developer's convenience only: CI sets TIKTOKEN_CACHE_DIR itself (.ci/run).
+_DEV_CACHE = ROOT.parent / "shared" / "tiktoken-cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _DEV_CACHE.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_DEV_CACHE)
+
+
+def _is_local(host):
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network():
+    """Any connection from the test process to a host other than this one is an error,
+    so a test that would need the network fails here too, not only on a machine without."""
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address[0]):
+            raise OSError(f"tests must not use the network (tried {address[0]})")
+        return connect(sock, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _is_local(host if isinstance(host, str) or host is None else host.decode()):
+            raise socket.gaierror(f"tests must not use the network (looked up {host})")
+        return getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect, socket.getaddrinfo = guarded_connect, guarded_getaddrinfo
+    yield
+    socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
 
 
 def load_stage(name):
@@ -29,22 +67,16 @@ def load_stage(name):
 
 
 @pytest.fixture(scope="session")
-def shakespeare(tmp_path_factory):
-    """The real tiny shakespeare from ../shared when present, else a stand-in of similar text."""
-    real = SHARED / "data" / "tinyshakespeare.txt"
-    if real.is_file():
-        return real
-    path = tmp_path_factory.mktemp("text") / "input.txt"
-    lines = ["First Citizen:\nBefore we proceed any further, hear me speak.\n\n"] * 2000
-    path.write_text("".join(f"{i} {s}" for i, s in enumerate(lines)))
-    return path
+def shakespeare():
+    """A text to train on: 454 paragraphs, ~20k tokens, committed with the tests."""
+    return SHAKESPEARE
 
 
 @pytest.fixture(scope="session")
-def cache_env(tmp_path_factory, shakespeare):
-    """Environment for subprocess runs: a download cache that already holds the text."""
+def cache_env(tmp_path_factory):
+    """Environment for subprocess runs: an empty download cache of their own, so nothing is
+    read from (or written to) the user's; pass `--input` where a stage needs text."""
     cache = tmp_path_factory.mktemp("cache")
-    shutil.copy(shakespeare, cache / "tinyshakespeare.txt")
     return {**os.environ, "GPT_FROM_SCRATCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 

@@ -70,8 +70,9 @@ def test_05_unknown_row_is_user_error(s05, shakespeare):
         s05.main(tiny(s05, input=str(shakespeare), speedups="turbo", benchmark=False))
 
 
-def test_05_cli_json(cache_env, tmp_path):
-    r = run_script(["05_speedups.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
+def test_05_cli_json(cache_env, shakespeare, tmp_path):
+    r = run_script(["05_speedups.py", "--input", str(shakespeare), "--preset", "tiny",
+                    "--batch-size", "2", "--seq-len", "16",
                     "--steps", "2", "--only", "bf16", "--warmup", "1", "--timed", "2",
                     "--json", str(tmp_path / "b.json"), "--speedups", "bf16"], env=cache_env)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -17,15 +17,17 @@ from common.checkpoint import list_checkpoints, load_checkpoint
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, shakespeare):
-    """Token shards made from tiny shakespeare's paragraphs by the real prep code."""
+    """Token shards made from tiny shakespeare's paragraphs by the real prep code: ~20k
+    tokens in shards of 4,000, so the runs below cross from one shard to the next."""
     from common import fineweb
+    from common.data import split_documents
 
     tmp = tmp_path_factory.mktemp("shards")
-    docs = [d for d in shakespeare.read_text().split("\n\n") if d.strip()]
+    docs = split_documents(shakespeare.read_text())  # as `python -m common.data --docs-jsonl`
     with open(tmp / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     fineweb.main(fineweb.Config(data_files=str(tmp / "docs.jsonl"), out_dir=str(tmp / "data"),
-                                shard_size=60_000, workers=1))  # fmt: skip
+                                shard_size=4_000, workers=1))  # fmt: skip
     return tmp / "data"
 
 
@@ -148,13 +150,14 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
     assert "resumed from step 4" in text
     resumed = read_metrics(tmp_path / "cut")
 
-    def losses(rows, split):
-        return [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+    def losses(rows, split):  # {step: loss}: pytest.approx compares a flat dict, not pairs
+        return {r["step"]: r["loss"] for r in rows if r["split"] == split}
 
     # one line per step, as if never interrupted, and the very same numbers (CPU, fp32)
-    assert [s for s, _ in losses(resumed, "train")] == list(range(8))
+    assert [r["step"] for r in resumed if r["split"] == "train"] == list(range(8))
     assert losses(resumed, "train") == pytest.approx(losses(full, "train"), abs=1e-6)
     assert losses(resumed, "val") == pytest.approx(losses(full, "val"), abs=1e-6)
+    assert list(losses(resumed, "val")) == [0, 4, 7]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rc, _, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")  # nothing left to do

@@ -111,15 +111,15 @@ def test_download_unreachable_host_is_user_error(tmp_path):
 def test_load_text_downloads_tiny_shakespeare_into_cache(
     server, tmp_path, monkeypatch, shakespeare
 ):
-    """The real code path of stages 02-04 with no --input: URL -> cache -> sha256 check."""
+    """The real code path of stages 02-06 with no --input: URL -> cache -> sha256 check
+    (served here: the sample of tiny shakespeare under its own checksum)."""
     import common.data as data
 
     url, root = server
     (root / "input.txt").write_bytes(shakespeare.read_bytes())
     monkeypatch.setenv("GPT_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "TINY_SHAKESPEARE_URL", f"{url}/input.txt")
-    if shakespeare.name != "tinyshakespeare.txt":  # stand-in text: its own checksum
-        monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", data.sha256_of(shakespeare))
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_SHA256", data.sha256_of(shakespeare))
     text = load_text()
     assert (
         text == shakespeare.read_text() and (tmp_path / "cache" / "tinyshakespeare.txt").is_file()

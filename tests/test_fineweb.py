@@ -19,10 +19,11 @@ def docs(shakespeare):
     """~300 documents: paragraphs of shakespeare, one longer than two shards, and two
     awkward ones (a literal end-of-text string must stay text; non-ASCII)."""
     paras = [p for p in shakespeare.read_text().split("\n\n") if p.strip()]
-    enc, end = get_tokenizer(), 1000
-    while len(enc.encode_ordinary("\n\n".join(paras[1000:end]))) < 2.2 * SHARD:
+    enc, end = get_tokenizer(), 300
+    while len(enc.encode_ordinary("\n\n".join(paras[300:end]))) < 2.2 * SHARD:
         end += 1
-    long_doc = "\n\n".join(paras[1000:end])  # spans more than two whole shards
+        assert end <= len(paras), "the text is too short for a document of 2.2 shards"
+    long_doc = "\n\n".join(paras[300:end])  # spans more than two whole shards
     return [
         *paras[:150],
         long_doc,

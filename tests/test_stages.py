@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT, load_stage, run_script
+from conftest import ROOT, SHAKESPEARE, load_stage, run_script
 
 from common.model import GPT2_VOCAB
 
@@ -74,9 +74,9 @@ def test_help_lists_shared_flags(name):
     assert f"Stage {name[:2]}" in r.stdout  # the docstring is the description
 
 
-def test_cli_run_prints_step_lines(cache_env):
-    args = ["03_dataloader.py", "--preset", "tiny", "--steps", "4", "--batch-size", "2",
-            "--seq-len", "16", "--device", "cpu"]  # fmt: skip
+def test_cli_run_prints_step_lines(cache_env, shakespeare):
+    args = ["03_dataloader.py", "--input", str(shakespeare), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]  # fmt: skip
     r = run_script(args, env=cache_env)
     assert r.returncode == 0, r.stderr
     steps = [m for m in map(STEP_RE.match, r.stdout.splitlines()) if m]
@@ -86,10 +86,11 @@ def test_cli_run_prints_step_lines(cache_env):
     assert re.search(r"summary: 4 batches of 2x16 tokens", r.stdout)
 
 
-def test_cli_auto_cpu_defaults(cache_env):
+def test_cli_auto_cpu_defaults(cache_env, shakespeare):
     if torch.cuda.is_available():
         pytest.skip("CPU defaults apply only without CUDA")
-    r = run_script(["02_overfit_batch.py", "--steps", "3"], env=cache_env)
+    r = run_script(["02_overfit_batch.py", "--input", str(shakespeare), "--steps", "3"],
+                   env=cache_env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("No CUDA GPU: using the CPU defaults (preset=tiny")
@@ -100,10 +101,11 @@ BAD = [
     (["00_model.py", "--preset", "gpt5"], "unknown preset 'gpt5'"),
     (["01_hf_eval.py", "--model", "gpt-9"], "unknown model 'gpt-9'"),
     (["03_dataloader.py", "--input", "/no/such/file.txt"], "input file not found"),
-    (["04_best_practices.py", "--preset", "tiny", "--seq-len", "512"], "exceeds block_size 256"),
+    (["04_best_practices.py", "--input", str(SHAKESPEARE), "--preset", "tiny", "--seq-len",
+      "512"], "exceeds block_size 256"),
     (["02_overfit_batch.py", "--device", "cuda"], "no CUDA GPU"),
     (["02_overfit_batch.py", "--steps", "many"], "invalid int value"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[b[1] for b in BAD])
