@@ -142,9 +142,13 @@ def main(cfg):
             run.log(step=step, split="val", loss=val_losses[step], tokens=tokens)
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
             with autocast:  # each rank scores its share of the examples; the counts are summed
-                hs = hellaswag.evaluate(raw_model, examples, device, B, ddp.rank, ddp.world_size)
-            print0(f"step {step:5d} | hellaswag acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
-            run.log(step=step, split="hellaswag", tokens=tokens, **hs)
+                scores = hellaswag.evaluate(
+                    raw_model, examples, device, B, ddp.rank, ddp.world_size
+                )
+            print0(
+                f"step {step:5d} | hellaswag acc_norm {scores['acc_norm']:.4f} ({scores['n']} examples)"
+            )
+            run.log(step=step, split="hellaswag", tokens=tokens, **scores)
         if cfg.sample_every and ddp.master and step > 0 and (step % cfg.sample_every == 0 or last):
             prompt = torch.tensor([enc.encode("Hello, I'm a language model,")] * 4, device=device)
             gen = torch.Generator(device=device).manual_seed(cfg.seed + step)
