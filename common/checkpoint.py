@@ -392,7 +392,7 @@ def check_resume(saved, new, keys=RESUME_KEYS, allow_change=False):
 @dataclass
 class Config:
     path: str = "out"  # a checkpoint file or a run directory (also positional)
-    adopt: bool = False  # add a checksum to a checkpoint written before they carried one
+    adopt: str = ""  # give this checkpoint, written before they carried one, a checksum
 
 
 def adopt(path):
@@ -408,18 +408,21 @@ def adopt(path):
 
 
 def main(cfg):
-    path = Path(cfg.path)
     if cfg.adopt:
+        path = Path(cfg.adopt)
         if not CKPT_RE.match(path.name) or not path.is_file():
             raise UserError(f"--adopt needs a checkpoint file named ckpt_NNNNNN.pt, not {path}")
         print(f"added a checksum to {adopt(path)}")
         return dict(adopted=str(path))
+    path = Path(cfg.path)
     found = list_checkpoints(path) if path.is_dir() else [path]
     if not found or not found[0].is_file():
         raise UserError(f"no checkpoint at {path}: give a ckpt_NNNNNN.pt file or a run directory")
     status = {str(p): verify_checkpoint(p) for p in found}
     for p, why in status.items():
         print(f"{p}: {why or 'ok'}")
+    if bad := [p for p, why in status.items() if why]:
+        raise UserError(f"{len(bad)} of {len(status)} checkpoints do not verify")  # exit code 1
     return status
 
 

@@ -41,6 +41,7 @@ RULES = {
                      "max_tokens", "workers", "top_k", "min_lr", "weight_decay", "temperature"),
                     ">= 0"),
     "top_p": "(0, 1]",
+    "dtype": ("bfloat16", "float16", "float32"),
 }  # fmt: skip
 
 
