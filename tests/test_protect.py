@@ -446,3 +446,12 @@ def test_load_text_refuses_binary_and_empty_files(tmp_path):
             load_text(tmp_path / "empty.txt")
     (tmp_path / "ok.txt").write_text("naïve café\n")
     assert load_text(tmp_path / "ok.txt") == "naïve café\n"
+
+
+def test_sample_prompt_file_not_utf8(tmp_path):
+    from common.sample import Config as SampleConfig
+    from common.sample import read_prompt
+
+    (tmp_path / "p.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(UserError, match=r"p\.txt is not UTF-8 text \(byte 3\)"):
+        read_prompt(SampleConfig(prompt_file=str(tmp_path / "p.txt")), None)
