@@ -4,31 +4,124 @@ One file holds everything a run needs to continue exactly: the model (unwrapped,
 parameter names), its GPTConfig, the optimizer, the step, the stage's Config, the data
 loader's position and every RNG state. A kill mid-save leaves at worst a stray temp file,
 never a broken newest checkpoint.
+
+What keeps a run from losing or poisoning its work:
+  checksum    every checkpoint stores a sha256 over its content (each tensor's bytes and
+              every other value, in a fixed order); loading recomputes it, so a flipped byte
+              in the weights, optimizer moments or RNG states is caught. A checkpoint without
+              one (written before they carried one) is refused, since it cannot be told apart
+              from a damaged one: `python -m common.checkpoint --adopt FILE` adds one.
+  finite      save_checkpoint refuses non-finite weights or optimizer moments, and
+              prune_checkpoints never deletes the newest checkpoint that verifies.
+  no fallback load_checkpoint(dir) takes the newest checkpoint and refuses it when it does not
+              verify, naming the newest older one that does: silently resuming an older step
+              would repeat work and hide the damage, so choosing it is left to the user.
+  one writer  RunLock: an exclusive lock on `{out}/.lock` for a run's whole life.
+  temp files  remove_stale_temps deletes what saves killed mid-write left behind.
+  settings    check_resume refuses a resume that would change the run, unless asked to.
+
+    python -m common.checkpoint out/          # check every checkpoint in a run directory
 """
 
+import hashlib
+import json
 import os
 import re
-from dataclasses import asdict
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import UserError
 from common.model import GPT, GPTConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; RunLock then does not enforce one writer
+    fcntl = None
+
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.pt$")
+TMP_RE = re.compile(r"^\.ckpt_\d{6,}\.pt\.tmp(\d+)$")  # save_checkpoint's temp files
+WRAPPERS = re.compile(r"^(?:_orig_mod\.|module\.)+")  # torch.compile and DDP key prefixes
 
 
-def save_checkpoint(out, step, model, model_config, **extra):
-    """Write {out}/ckpt_{step:06d}.pt atomically; `extra` holds optimizer, config, loader, rng."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ckpt_{step:06d}.pt"
-    tmp = out / f".{path.name}.tmp{os.getpid()}"
-    state = dict(step=step, model=model.state_dict(), model_config=asdict(model_config), **extra)
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-    return path
+# --- content checks -------------------------------------------------------------------------
+
+
+def _leaves(obj, name=""):
+    """(name, value) of every leaf of nested dicts/lists/tuples, in a fixed order."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{name}[{i}]")
+    else:
+        yield name, obj
+
+
+def content_hash(state):
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every other
+    value's repr, with the names they sit under. Keys "sha256" and "path" are left out."""
+    h = hashlib.sha256()
+    for name, v in _leaves({k: v for k, v in state.items() if k not in ("sha256", "path")}):
+        h.update(name.encode() + b"\0")
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
+        elif isinstance(v, np.ndarray):
+            h.update(f"{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
+        elif v is None or isinstance(v, (bool, int, float, str, bytes)):
+            h.update(repr(v).encode())
+        else:  # an object whose repr may hold a memory address: its type alone
+            h.update(type(v).__qualname__.encode())
+    return h.hexdigest()
+
+
+def non_finite(state, name=""):
+    """The name of the first floating tensor in `state` holding nan or inf, or None."""
+    for leaf, v in _leaves(state, name):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            lo, hi = torch.aminmax(v.detach())  # propagates nan; 10x faster than isfinite().all()
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                return leaf
+    return None
+
+
+def clean_state_dict(state_dict):
+    """Parameter names as the bare model has them: torch.compile prefixes `_orig_mod.`, DDP
+    `module.`, in either order and any number (a compiled model wrapped in DDP has both)."""
+    return {WRAPPERS.sub("", k): v for k, v in state_dict.items()}
+
+
+def _read(path, map_location="cpu"):
+    """-> (checkpoint dict or None, why it is no good or None)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, damaged or foreign file
+        return None, f"cannot be read ({type(e).__name__})"
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        return None, "is not a checkpoint of this project (no model/model_config)"
+    if "sha256" not in state:
+        return state, "has no checksum"
+    if content_hash(state) != state["sha256"]:
+        return state, "fails its checksum: its content changed after it was written"
+    if bad := non_finite(state["model"]):
+        return state, f"holds non-finite weights ({bad})"
+    return state, None
+
+
+def verify_checkpoint(path):
+    """None when the checkpoint at `path` reads, verifies and has finite weights, else why not."""
+    return _read(path)[1]
+
+
+# --- saving, listing, pruning ---------------------------------------------------------------
 
 
 def list_checkpoints(out):
@@ -40,15 +133,106 @@ def list_checkpoints(out):
     return [p for _, p in sorted(found)]
 
 
+def newest_good_checkpoint(out, before=None):
+    """The newest checkpoint in `out` that verifies (checksum, finite weights), or None.
+    With `before` (a checkpoint path), only those of earlier steps. Reads each one it tries,
+    newest first: meant for error messages and pruning, not for every step."""
+    found = list_checkpoints(out)
+    if before is not None and (m := CKPT_RE.match(Path(before).name)):
+        found = [p for p in found if int(CKPT_RE.match(p.name).group(1)) < int(m.group(1))]
+    skip = Path(before).resolve() if before is not None else None
+    for p in reversed(found):
+        if p.resolve() != skip and verify_checkpoint(p) is None:
+            return p
+    return None
+
+
+def save_checkpoint(out, step, model, model_config, **extra):
+    """Write {out}/ckpt_{step:06d}.pt atomically; `extra` holds optimizer, config, loader, rng.
+
+    Refused (UserError, nothing written) when a weight or optimizer moment is nan or inf: such
+    a checkpoint could only continue a broken run, and it would push out the good ones."""
+    out = Path(out)
+    state = dict(step=step, model=clean_state_dict(model.state_dict()),
+                 model_config=asdict(model_config), **extra)  # fmt: skip
+    if bad := non_finite(state["model"]) or non_finite(extra.get("optimizer"), "optimizer"):
+        raise UserError(
+            f"not saving step {step}: {bad} holds nan/inf; newest good checkpoint: "
+            f"{newest_good_checkpoint(out) or 'none'}"
+        )
+    state["sha256"] = content_hash(state)
+    return _write(out / f"ckpt_{step:06d}.pt", state)
+
+
+def _write(path, state):
+    """torch.save to `.{name}.tmpPID` beside `path`, then rename: all or nothing."""
+    out = path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{path.name}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except OSError as e:  # disk full, quota, permissions: the older checkpoints are untouched
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({e.strerror or e}): free space in {out}, "
+                        "then resume from the newest checkpoint") from None  # fmt: skip
+    return path
+
+
 def prune_checkpoints(out, keep_last):
-    """Delete all but the newest `keep_last` checkpoints (0 or less keeps everything)."""
+    """Delete all but the newest `keep_last` checkpoints (0 or less keeps everything), but
+    never the newest one that verifies: when the kept ones are all damaged, it stays too.
+    Reads back the newest checkpoint(s) to check them."""
     if keep_last > 0:
-        for p in list_checkpoints(out)[:-keep_last]:
+        doomed = list_checkpoints(out)[:-keep_last]
+        good = newest_good_checkpoint(out) if doomed else None
+        for p in doomed:
+            if p != good:
+                p.unlink(missing_ok=True)
+
+
+def remove_stale_temps(out):
+    """Delete the temp files of saves that never finished (`.ckpt_NNNNNN.pt.tmpPID`: a run
+    killed mid-save leaves one, as big as a checkpoint). Returns (files, bytes) removed.
+
+    Call it holding the RunLock of `out`, before the run's first save: only the lock holder
+    writes checkpoints there, so every such file is stale, whatever its PID (a restarted
+    container often reuses the PID of the run it replaces). Without the lock, only files whose
+    PID is no live process on this machine are removed. No other file is touched."""
+    out, locked = Path(out), RunLock.held(out)
+    files = size = 0
+    for p in out.iterdir() if out.is_dir() else []:
+        m = TMP_RE.match(p.name)
+        if m and p.is_file() and (locked or not _alive(int(m.group(1)))):
+            n = p.stat().st_size
             p.unlink(missing_ok=True)
+            files, size = files + 1, size + n
+    return files, size
+
+
+def _alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
+# --- loading --------------------------------------------------------------------------------
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint file, or the newest one when `path` is a directory."""
+    """A checkpoint file, or the newest one when `path` is a directory; verified.
+
+    A checkpoint that does not verify is refused (UserError) with the newest older one that
+    does, even for a directory: never a silent fall back to an older step."""
     path = Path(path)
     if path.is_dir():
         found = list_checkpoints(path)
@@ -57,29 +241,38 @@ def load_checkpoint(path, map_location="cpu"):
         path = found[-1]
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): is it complete?")
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise UserError(f"{path} is not a checkpoint of this project (no model/model_config)")
+    state, why = _read(path, map_location)
+    if why == "has no checksum":
+        raise UserError(
+            f"{path} has no checksum (written before checkpoints carried one), so it cannot be "
+            f"verified; if you trust it, add one: python -m common.checkpoint --adopt {path}"
+        )
+    if why:
+        good = newest_good_checkpoint(path.parent, before=path)
+        if good:
+            hint = f"the newest older one that verifies is {good}: use it, or move {path.name} away"
+        else:
+            hint = f"no older checkpoint in {path.parent} verifies"
+        raise UserError(f"checkpoint {path} {why}; {hint}")
     state["path"] = str(path)
     return state
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild our GPT from a checkpoint; returns (model, checkpoint dict)."""
+    """Rebuild our GPT from a (verified) checkpoint; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except (TypeError, RuntimeError) as e:  # a model_config or key set of another version
+        why = " ".join(str(e).split())[:200]
+        raise UserError(f"{ckpt['path']}: weights do not fit its model_config ({why})") from None
     return model.to(device), ckpt
 
 
 def rng_state():
     """Every random number generator a run touches: python, numpy, torch (CPU and CUDA)."""
     import random
-
-    import numpy as np
 
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
@@ -90,10 +283,151 @@ def rng_state():
 def set_rng_state(state):
     import random
 
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- one writer per --out -------------------------------------------------------------------
+
+
+class RunLock:
+    """One writer per --out: an exclusive flock on `{out}/.lock`, held until release() or until
+    the process ends: the OS drops it even on SIGKILL, so a crash never leaves a stale lock.
+
+        lock = RunLock(cfg.out).acquire()   # rank 0, before anything is written to --out
+        ...
+        lock.release()                      # or `with RunLock(cfg.out):`
+
+    The file says who holds it (pid, host, command, since), for the refusal. It stays after
+    release: deleting it could let two runs lock two different files. A lock this process
+    already holds (an earlier main() in the same process that raised) is taken over."""
+
+    _held = {}  # lock path -> file descriptor: what this process holds (flock is per process)
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.path = self.out / ".lock"
+        self.fd = None
+
+    @classmethod
+    def held(cls, out):
+        """Whether this process holds the lock of `out`."""
+        return str((Path(out) / ".lock").resolve()) in cls._held
+
+    def acquire(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        fd = self._held.get(key)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: another process holds it
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise UserError(
+                    f"{self.out} is in use by another run ({_describe(holder)}): "
+                    "wait for it to finish, or choose another --out"
+                ) from None
+            self._held[key] = fd
+        info = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%F %T"),
+                    command=" ".join(sys.argv))  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        key = str(self.path.resolve())
+        if self.fd is not None and self._held.get(key) == self.fd:
+            del self._held[key]
+            os.close(self.fd)  # closing the last descriptor drops the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _describe(holder):
+    try:
+        h = json.loads(holder)
+        cmd = h["command"] if len(h["command"]) <= 80 else h["command"][:77] + "..."
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}: {cmd}"
+    except (ValueError, KeyError, TypeError):  # caught between truncate and write
+        return "a process that has not said which yet"
+
+
+# --- resuming with other settings -----------------------------------------------------------
+
+# What changes a run. batch_size and the number of GPUs are not here: with total_batch fixed
+# they only split the same batch into other micro-steps. Paths (data_dir, out) may move.
+RESUME_KEYS = ("preset", "speedups", "seq_len", "total_batch", "steps", "warmup_steps",
+               "max_lr", "min_lr", "weight_decay", "grad_clip")  # fmt: skip
+
+
+def check_resume(saved, new, keys=RESUME_KEYS, allow_change=False):
+    """The settings in `keys` (present in both configs) that differ between a checkpoint's
+    config and this run's, e.g. ["--max-lr 0.0006 -> 0.0003"]. Any difference is refused
+    (UserError) unless allow_change (--allow-config-change); then they are returned, to log."""
+    changes = [f"--{k.replace('_', '-')} {saved[k]} -> {new[k]}"
+               for k in keys if k in saved and k in new and saved[k] != new[k]]  # fmt: skip
+    if changes and not allow_change:
+        raise UserError(
+            f"resuming would change the run ({'; '.join(changes)}): give the checkpoint's "
+            "settings, or add --allow-config-change to accept the change"
+        )
+    return changes
+
+
+# --- python -m common.checkpoint ------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    path: str = "out"  # a checkpoint file or a run directory (also positional)
+    adopt: str = ""  # give this checkpoint, written before they carried one, a checksum
+
+
+def adopt(path):
+    """Give a checkpoint written without a checksum one, after checking its weights."""
+    state, why = _read(path)
+    if why != "has no checksum":
+        raise UserError(f"{path} {why or 'already has a checksum'}: nothing to adopt")
+    if bad := non_finite(state["model"]) or non_finite(state.get("optimizer"), "optimizer"):
+        raise UserError(f"{path}: {bad} holds nan/inf; not a checkpoint to continue from")
+    state["model"] = clean_state_dict(state["model"])
+    state["sha256"] = content_hash(state)
+    return _write(Path(path), state)
+
+
+def main(cfg):
+    if cfg.adopt:
+        path = Path(cfg.adopt)
+        if not CKPT_RE.match(path.name) or not path.is_file():
+            raise UserError(f"--adopt needs a checkpoint file named ckpt_NNNNNN.pt, not {path}")
+        print(f"added a checksum to {adopt(path)}")
+        return dict(adopted=str(path))
+    path = Path(cfg.path)
+    found = list_checkpoints(path) if path.is_dir() else [path]
+    if not found or not found[0].is_file():
+        raise UserError(f"no checkpoint at {path}: give a ckpt_NNNNNN.pt file or a run directory")
+    status = {str(p): verify_checkpoint(p) for p in found}
+    for p, why in status.items():
+        print(f"{p}: {why or 'ok'}")
+    if bad := [p for p, why in status.items() if why]:
+        raise UserError(f"{len(bad)} of {len(status)} checkpoints do not verify")  # exit code 1
+    return status
+
+
+if __name__ == "__main__":
+    from common.cli import parse_args
+
+    argv = sys.argv[1:]
+    main(parse_args(Config, ["--path", *argv] if argv and not argv[0].startswith("-") else argv))

@@ -10,16 +10,39 @@ CPU preset is named), so `python NN_stage.py` finishes quickly on a laptop while
 `--preset gpt2` forces the real thing. Flags given on the command line always win.
 `consts` (optional) names flags that may stand alone: consts = {"resume": "latest"} makes
 `--resume` mean `--resume latest`.
+
+Every flag also takes nanoGPT's spelling (`--batch_size 32`, `--batch_size=32`); prefixes of
+flags are refused (`--st 5` is not `--steps 5`). Numbers are checked right after parsing by
+the rules in RULES (one table for every stage, keyed by field name): `--batch-size 0` ends
+with `error: --batch-size must be a positive integer (got 0)` before any work. A stage that
+means something else by a flag overrides its rule in one line:
+    rules: ClassVar[dict] = dict(steps=">= 0")  # --steps 0: the benchmark alone
 """
 
 import argparse
+import copy
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import typing
 
 from common import UserError
+
+# The meaning of a number is the same in every stage, so its rule is keyed by the field's name:
+# "> 0", ">= 0", "(0, 1]", or a tuple of the allowed values. Fields ending in _every are >= 0
+# (0: never). Floats must also be finite (argparse takes "nan" and "inf").
+RULES = {
+    **dict.fromkeys(("batch_size", "seq_len", "steps", "total_batch", "val_steps", "new_tokens",
+                     "max_new_tokens", "num_samples", "shard_size", "timed", "lr", "max_lr",
+                     "grad_clip"), "> 0"),
+    **dict.fromkeys(("warmup_steps", "warmup", "seed", "keep_last", "limit", "hellaswag_limit",
+                     "max_tokens", "workers", "top_k", "min_lr", "weight_decay", "temperature"),
+                    ">= 0"),
+    "top_p": "(0, 1]",
+    "dtype": ("bfloat16", "float16", "float32"),
+}  # fmt: skip
 
 
 def _field_help(cls):
@@ -39,48 +62,97 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help names each flag once: the underscore aliases are left out."""
+
+    def _format_action_invocation(self, action):
+        shown = [s for s in action.option_strings if "_" not in s]
+        if shown and shown != action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+
 def parse_args(Config, argv=None):
-    """Build an argparse parser from Config's fields, parse argv, return a Config."""
+    """Build an argparse parser from Config's fields, parse argv, return a checked Config."""
     module = sys.modules.get(Config.__module__)
     doc = (module.__doc__ or "") if module else ""
     parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # `--st 5` is an error, not a guess at --steps or --start
+        epilog="Flags may also be written with underscores, as in nanoGPT: --batch_size=32.",
     )
     helps = _field_help(Config)
     hints = typing.get_type_hints(Config)
+    defaults = {}
     for f in dataclasses.fields(Config):
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        defaults[f.name] = default
+        flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])  # + nanoGPT's
         text = f"{helps.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         if kind is bool:
             # `--flag` alone means true; `--flag false` switches a default-on feature off
             parser.add_argument(
-                flag, type=_bool, nargs="?", const=True, default=default, metavar="BOOL", help=text
+                *flags, type=_bool, nargs="?", const=True, metavar="BOOL", help=text
             )
         elif f.name in getattr(Config, "consts", {}):  # `--resume` alone = consts["resume"]
             const = Config.consts[f.name]
-            parser.add_argument(flag, nargs="?", const=const, default=default, help=text)
+            parser.add_argument(*flags, nargs="?", const=const, help=text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) else kind  # Optional[X]
-            parser.add_argument(flag, type=base, default=default, help=text)
-    ns = parser.parse_args(argv)
-    typed = {t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)}
-    given = {a.dest for a in parser._actions if typed & set(a.option_strings)}
-    cfg = Config(**vars(ns))
-    cpu = getattr(Config, "cpu", None)
+            parser.add_argument(*flags, type=base, help=text)
+    # every field starts out as `unset`: argparse then fills in only what the command line
+    # gives, however it was spelled (--batch-size 3, --batch_size=3, ...)
+    unset = object()
+    ns = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))
+    given = {k for k, v in vars(ns).items() if v is not unset}
+    cfg = Config(**{k: getattr(ns, k) if k in given else v for k, v in defaults.items()})
+    sys.excepthook = _excepthook
+    cpu, note = getattr(Config, "cpu", None), None
     if cpu:
         auto = "preset" not in given and _no_cuda(cfg)  # nothing asked for, no GPU: go small
         if auto or cfg.__dict__.get("preset") == cpu.get("preset"):  # or the CPU preset by name
             cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
-        if auto:
-            shown = ", ".join(f"{k}={v}" for k, v in cpu.items())
+        if auto:  # the values in use: a flag given on the command line wins over its default
+            used = [f"{k}={v}" for k, v in cpu.items() if k not in given]
+            kept = [f"{k}={getattr(cfg, k)}" for k in cpu if k in given]
+            shown = ", ".join(used) + ("; " if used and kept else "")
+            shown += f"as given: {', '.join(kept)}" if kept else ""
             hint = (
                 "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"
             )
-            print(f"No CUDA GPU: using the CPU defaults ({shown}); {hint}.")
-    sys.excepthook = _excepthook
+            note = f"No CUDA GPU: using the CPU defaults ({shown}); {hint}."
+    validate(cfg)  # a bad value is then the only thing said
+    if note:
+        print(note)
     return cfg
+
+
+def validate(cfg):
+    """Check every numeric field of a Config against RULES (and the Config's own `rules`);
+    the first violation raises UserError, e.g. `--batch-size must be a positive integer
+    (got 0)`. parse_args calls it; tests and in-process callers may too."""
+    rules = {**RULES, **getattr(type(cfg), "rules", {})}
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        rule = rules.get(f.name, ">= 0" if f.name.endswith("_every") else None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number (got {value})")
+        if isinstance(rule, tuple):
+            ok, need = value in rule, f"one of {', '.join(map(str, rule))}"
+        elif rule and isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = "integer" if isinstance(value, int) else "number"
+            ok, need = {
+                "> 0": (value > 0, f"a positive {number}"),
+                ">= 0": (value >= 0, f"a non-negative {number}"),
+                "(0, 1]": (0 < value <= 1, "a number in (0, 1]"),
+            }[rule]
+        else:  # text, switches, None: nothing to check here
+            continue
+        if not ok:
+            raise UserError(f"{flag} must be {need} (got {value})")
 
 
 def _no_cuda(cfg):

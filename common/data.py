@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from common import UserError
+from common.model import GPT2_VOCAB
 
 EOT = 50256  # <|endoftext|>: delimits documents
 TINY_SHAKESPEARE_URL = (
@@ -85,7 +86,17 @@ def load_text(path=None):
         )
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path} (omit --input to use tiny shakespeare)")
-    return Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {e.start}); give a plain text file, or convert it"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty (no text to train on); give a file holding text")
+    return text
 
 
 class TextLoader:
@@ -133,9 +144,12 @@ class ShardLoader:
     optimizer steps, when the next whole step would run off the end of the shard (the last
     wraps to the first; the few tokens left are skipped). So 1 process x k micro-steps and
     k processes x 1 read the same tokens for any shard size. state_dict() is the position,
-    taken between optimizer steps, enough to continue exactly."""
+    taken between optimizer steps, enough to continue exactly. A shard holding an id >=
+    vocab_size (another tokenizer's, or a damaged file) is refused when it is first read: as
+    an embedding index it would crash or silently poison the run."""
 
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, step_tokens=0):
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, step_tokens=0,
+                 vocab_size=GPT2_VOCAB):  # fmt: skip
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.micro_tokens = batch_size * seq_len * world_size  # all ranks, one micro-step
@@ -144,9 +158,11 @@ class ShardLoader:
             raise UserError(
                 f"total batch {self.step_tokens} is not a multiple of B*T*GPUs = {self.micro_tokens}"
             )
+        self.vocab_size = vocab_size  # GPT-2's ids; a padded vocab (50304) has no more tokens
+        self.scanned = set()  # shards whose ids were checked: a full read, so once each
         self.files = []
         for path in shard_files(data_dir, split):  # check all now (headers only), not hours in
-            if len(self._open(path)) >= self.step_tokens + 1:
+            if len(self._open(path, scan=False)) >= self.step_tokens + 1:
                 self.files.append(path)
             elif rank == 0:  # e.g. the last, partial shard of a prep: harmless, say so
                 print(
@@ -160,8 +176,9 @@ class ShardLoader:
             )
         self.reset()
 
-    def _open(self, path):
-        """The shard as a read-only memory map: nothing is read until a batch needs it."""
+    def _open(self, path, scan=True):
+        """The shard as a read-only memory map: nothing is read until a batch needs it, except
+        once per shard (scan) its largest token id."""
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # truncated header, not .npy at all, pickled objects ...
@@ -174,6 +191,14 @@ class ShardLoader:
                 f"shard {path} is not a 1-D array of token ids ({tokens.dtype}, shape "
                 f"{tokens.shape}); delete it and re-run `python -m common.fineweb`"
             )
+        if scan and path not in self.scanned and len(tokens):
+            if (top := int(tokens.max())) >= self.vocab_size:
+                raise UserError(
+                    f"shard {path} holds token id {top}, beyond the {self.vocab_size} of GPT-2's "
+                    "vocabulary (another tokenizer? damaged?); re-make it with `python -m "
+                    "common.fineweb`"
+                )
+            self.scanned.add(path)
         return tokens
 
     def _load(self, shard, pos):

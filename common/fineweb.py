@@ -32,6 +32,7 @@ size, prefix) must match the progress file; use another --out-dir to make a diff
 
 import collections
 import glob
+import gzip
 import json
 import multiprocessing
 import os
@@ -130,6 +131,27 @@ def local_files(spec):
     return kinds.pop(), [str(Path(f).resolve()) for f in files]
 
 
+def check_jsonl(files):
+    """Every non-blank line of local .jsonl files must be a JSON object (one document).
+
+    One quick pass before the prep: a bad line would otherwise stop it, maybe hours in, with
+    a pyarrow traceback that names neither the file nor the line."""
+    for f in files:
+        if not re.search(r"\.jsonl(\.gz)?$", f):
+            continue
+        with (gzip.open if f.endswith(".gz") else open)(f, "rb") as lines:
+            for n, line in enumerate(lines, 1):
+                try:
+                    ok = not line.strip() or isinstance(json.loads(line), dict)
+                except ValueError:  # bad JSON, or bytes that are not UTF-8
+                    ok = False
+                if not ok:
+                    raise UserError(
+                        f"line {n} of {f} is not a JSON object (one document per line): "
+                        "fix or delete that line"
+                    )
+
+
 def open_source(cfg):
     """The documents as a `datasets` dataset (iterable when streaming), from the hub or files."""
     import datasets  # only this module needs `datasets`, and only when it runs
@@ -137,6 +159,7 @@ def open_source(cfg):
     try:
         if cfg.data_files:
             builder, files = local_files(cfg.data_files)
+            check_jsonl(files)
             return datasets.load_dataset(
                 builder, data_files=files, split="train", streaming=cfg.streaming
             )
@@ -163,12 +186,24 @@ def text_batches(ds, column, skip, batch_size=256):
     ds = ds.select_columns([column])
     if skip:
         ds = ds.skip(skip)  # reads past them; only the tokenizing is saved
-    for batch in ds.iter(batch_size=batch_size):
+    batches, read = iter(ds.iter(batch_size=batch_size)), skip
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # a damaged file, a dropped connection: the shards so far stay
+            reason = " ".join(str(e).split())[:200]
+            raise UserError(
+                f"reading the dataset failed after document {read:,} ({type(e).__name__}: "
+                f"{reason}); fix the cause and re-run: the prep resumes after its last shard"
+            ) from None
         if column not in batch:
             raise UserError(f"no '{column}' column in the dataset (it has {list(batch)})")
         texts = batch[column]
         if not all(isinstance(t, str) for t in texts):
             raise UserError(f"the '{column}' column holds a non-text value (null?); clean the data")
+        read += len(texts)
         yield texts
 
 
@@ -229,6 +264,8 @@ def resume_point(cfg, settings):
         old, shards = progress["settings"], progress["shards"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is corrupt; delete it (and the shards next to it) and re-run")
+    if not shards and not progress.get("finished"):  # a prep that failed before its first shard
+        return [], False  # (older versions wrote this file first): nothing to keep or protect
     if old != settings:
         diff = ", ".join(k for k in settings if old.get(k) != settings[k])
         raise UserError(
@@ -285,7 +322,8 @@ def main(cfg):
         return dict(shards_written=0, shards=fin["files"], tokens=fin["tokens"], new_tokens=0,
                     seconds=0.0, tokens_per_s=0.0, out_dir=str(out_dir))  # fmt: skip
     progress = dict(settings=settings, shards=shards, finished=None)
-    write_progress(progress_file, progress)  # from here a crash resumes at len(shards)
+    if shards:  # from here a crash resumes at len(shards); with none, there is nothing to keep
+        write_progress(progress_file, progress)
 
     index = len(shards)  # the next shard to write
     doc, offset = (shards[-1]["docs"], shards[-1]["carry"]) if shards else (0, 0)

@@ -51,14 +51,15 @@ def read_examples(path, limit=0):
     if not path.is_file():
         raise UserError(f"HellaSwag file not found: {path} (omit --data to download the split)")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # json.loads decodes: a line that is not UTF-8 is a bad line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
-                ok = isinstance(ex["ctx"], str) and len(ex["endings"]) == 4
-                ok = ok and all(isinstance(e, str) for e in ex["endings"])
+                ends = ex["endings"]
+                ok = isinstance(ex["ctx"], str) and isinstance(ends, list) and len(ends) == 4
+                ok = ok and all(isinstance(e, str) for e in ends)
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
@@ -67,7 +68,16 @@ def read_examples(path, limit=0):
                     "delete the file to download it again, or fix it"
                 )
             label = ex.get("label")  # the test split has none
-            examples.append(dict(ex, label=None if label in (None, "") else int(label)))
+            if isinstance(label, str) and label.strip() in ("0", "1", "2", "3"):
+                label = int(label)  # some copies store it as text
+            if label == "":
+                label = None
+            if label is not None and (type(label) is not int or not 0 <= label <= 3):
+                raise UserError(
+                    f"line {n} of {path}: label {label!r} is not 0, 1, 2 or 3 (the index of "
+                    "the right ending); delete the file to download it again, or fix it"
+                )
+            examples.append(dict(ex, label=label))
             if limit and len(examples) == limit:
                 break
     if not examples:

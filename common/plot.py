@@ -7,6 +7,8 @@ Reads `{run}/metrics.jsonl` (or the file itself), one JSON object per line, as s
 every line has `step` and `split` ("train", "val" or "hellaswag"); train lines carry `loss`
 and `tokens` (processed so far), val lines `loss` and `tokens`, hellaswag lines `acc`,
 `acc_norm` and `n`. Other keys are ignored; a run without val or HellaSwag lines still plots.
+The run's header line (`"split": "run"`, no step) is passed over; a line that is cut off, not
+UTF-8, not a JSON object, or whose values are not numbers is skipped and counted in one note.
 
 The dashed lines are published figures, not measured here: OpenAI's GPT-2 124M reaches a val
 loss of 3.2924 on FineWeb-Edu's val shard (as build-nanogpt measured it) and HellaSwag
@@ -14,6 +16,7 @@ acc_norm 0.2955; GPT-3 125M reaches 0.337 (its paper).
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,14 @@ class Config:
     png: str = ""  # where to write the figure; empty: metrics.png beside metrics.jsonl
 
 
+PLOTTED = ("loss", "tokens", "acc", "acc_norm")  # the values a line is drawn from
+
+
+def number(v):
+    """A value matplotlib can place: an int or float (not a bool, text, nan or inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_metrics(path):
     """metrics.jsonl -> {"train": [...], "val": [...], "hellaswag": [...]} of dicts by step."""
     path = Path(path)
@@ -40,14 +51,19 @@ def read_metrics(path):
     if not path.is_file():
         raise UserError(f"no metrics file at {path}: train with stage 07 first, or give its --out")
     runs, bad = {"train": [], "val": [], "hellaswag": []}, 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():  # bytes: one bad byte spoils one line only
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line)  # decodes UTF-8 itself: other bytes are a ValueError
+            if rec.get("split") == "run" and "step" not in rec:
+                continue  # the run's header (settings, versions): no point to plot
             rec["step"], split = int(rec["step"]), rec["split"]
-        except (ValueError, KeyError, TypeError):
-            bad += 1  # e.g. the last line of a run that is still writing
+            ok = all(number(rec[k]) for k in PLOTTED if rec.get(k) is not None)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+            ok = False  # e.g. the last line of a run that is still writing
+        if not ok:
+            bad += 1
             continue
         if split in runs:  # a split this plot does not know is left out
             runs[split].append(rec)

@@ -65,7 +65,10 @@ def read_prompt(cfg, enc):
     if cfg.prompt_file:
         if not Path(cfg.prompt_file).is_file():
             raise UserError(f"prompt file not found: {cfg.prompt_file}")
-        text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        try:
+            text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{cfg.prompt_file} is not UTF-8 text (byte {e.start})") from None
     tokens = enc.encode(text, allowed_special={"<|endoftext|>"}) or [EOT]
     return text, tokens
 
