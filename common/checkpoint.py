@@ -368,8 +368,8 @@ def _describe(holder):
 
 # What changes a run. batch_size and the number of GPUs are not here: with total_batch fixed
 # they only split the same batch into other micro-steps. Paths (data_dir, out) may move.
-RESUME_KEYS = ("preset", "speedups", "seq_len", "total_batch", "steps", "warmup_steps",
-               "max_lr", "min_lr", "weight_decay", "grad_clip")  # fmt: skip
+RESUME_KEYS = ("preset", "seq_len", "total_batch", "steps", "warmup_steps", "max_lr",
+               "weight_decay", "grad_clip", "dtype")  # fmt: skip
 
 
 def check_resume(saved, new, keys=RESUME_KEYS, allow_change=False):

@@ -1,6 +1,7 @@
 """Stage 07: shards -> training with validation, samples, checkpoints, exact resume, DDP."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -112,8 +113,8 @@ def test_07_refuses_to_overwrite_and_bad_data(s07, shards, tmp_path):
 def test_07_non_finite_loss_stops_and_keeps_good_checkpoint(s07, shards, tmp_path):
     out = tmp_path / "run"
     cfg = small(s07, shards, out, steps=30, max_lr=1e6, warmup_steps=1, ckpt_every=1,
-                keep_last=0, val_every=0, sample_every=0, speedups="fp32")  # fmt: skip
-    with pytest.raises(UserError, match=r"loss is (nan|inf) at step (\d+): stopped"):
+                keep_last=0, val_every=0, sample_every=0, dtype="float32")  # fmt: skip
+    with pytest.raises(UserError, match=r"step \d+: loss \S+, gradient norm \S+: stopped before"):
         s07.main(cfg)
     newest = load_checkpoint(out)
     assert all(torch.isfinite(v).all() for v in newest["model"].values())
@@ -138,7 +139,7 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
     args = ["--data-dir", str(shards), "--preset", "tiny", "--device", "cpu", "--batch-size", "4",
             "--seq-len", "32", "--total-batch", "256", "--steps", "8", "--warmup-steps", "2",
             "--val-every", "4", "--val-steps", "2", "--sample-every", "0", "--ckpt-every", "4",
-            "--speedups", "fp32"]  # fmt: skip
+            "--dtype", "float32"]  # fmt: skip
     rc, _, err = run_07(args, cache_env, tmp_path / "full")
     assert rc == 0, err
     full = read_metrics(tmp_path / "full")
@@ -171,7 +172,7 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
     common_args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
                    "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch",
                    "256", "--steps", "4", "--val-every", "0", "--sample-every", "0",
-                   "--speedups", "fp32", "--hellaswag-every", "3", "--hellaswag-data",
+                   "--dtype", "float32", "--hellaswag-every", "3", "--hellaswag-data",
                    str(HELLASWAG)]  # fmt: skip
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common_args, "--out", str(tmp_path / "one")],
@@ -201,3 +202,126 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
         if r["split"] == "hellaswag"
     ]
     assert [h[0] for h in ha] == [0, 3] and ha == hb
+
+
+# ---- what protects a run (issue 12) and what a run records (issue 11) ---------------------
+
+
+def test_07_second_writer_into_the_same_out_is_refused(shards, tmp_path, cache_env):
+    """Two real processes: while run A trains, run B into A's --out is refused at once, naming
+    A's pid, and A's files are untouched; after A is killed the directory is free again."""
+    out = tmp_path / "run"
+    args = [sys.executable, "07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
+            "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch", "128",
+            "--steps", "100000", "--val-every", "0", "--sample-every", "0", "--ckpt-every", "0",
+            "--out", str(out)]  # fmt: skip
+    a = subprocess.Popen(args, cwd=ROOT, env=cache_env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in a.stdout:  # A is training
+            if line.startswith("step"):
+                break
+        before = (out / "metrics.jsonl").read_text()
+        b = subprocess.run(args, cwd=ROOT, env=cache_env, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert b.returncode != 0 and "Traceback" not in b.stderr
+        last = b.stderr.strip().splitlines()[-1]
+        assert "is in use by another run" in last and f"pid {a.pid}" in last
+        assert (out / "metrics.jsonl").read_text().startswith(before)  # A's log not truncated
+        b = subprocess.run([*args[:-2], "--out", str(out), "--resume"], cwd=ROOT, env=cache_env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert "is in use by another run" in b.stderr  # nor resumed while it lives
+    finally:
+        a.kill()
+        a.wait()
+    c = subprocess.run([*args[:-2], "--out", str(out), "--steps", "2"], cwd=ROOT, env=cache_env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert c.returncode == 0, c.stderr  # the lock died with A (no checkpoint was written)
+
+
+def test_07_nan_gradient_stops_before_the_update_and_keeps_the_good_checkpoint(
+    s07, shards, tmp_path
+):
+    """A huge learning rate: the loss can stay finite while the gradient norm is nan. The
+    step is refused before optimizer.step(); no checkpoint holds nan; --keep-last 1 never
+    pruned the last good one; the error names it."""
+    out = tmp_path / "run"
+    cfg = small(s07, shards, out, steps=40, max_lr=1e4, warmup_steps=1, ckpt_every=1,
+                keep_last=1, val_every=0, sample_every=0, dtype="float32")  # fmt: skip
+    with pytest.raises(UserError) as e:
+        s07.main(cfg)
+    found = list_checkpoints(out)
+    assert found and str(found[-1]) in str(e.value)  # named: the newest good checkpoint
+    for p in found:
+        ckpt = load_checkpoint(p)  # verifies its checksum too
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    step = int(re.search(r"step (\d+):", str(e.value)).group(1))
+    assert load_checkpoint(out)["step"] == step  # the checkpoint just before the bad step
+
+
+def test_07_resume_with_other_settings_is_refused_unless_allowed(s07, shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    s07.main(small(s07, shards, out, steps=4, ckpt_every=2, val_every=0, sample_every=0))
+    for change, flag in (
+        (dict(total_batch=512), "--total-batch 256 -> 512"),
+        (dict(steps=8), "--steps 4 -> 8"),
+        (dict(max_lr=1e-3), "--max-lr"),
+    ):
+        with pytest.raises(UserError, match=re.escape(flag) + ".*--allow-config-change"):
+            s07.main(small(s07, shards, out, resume="latest", **change))
+    res = s07.main(small(s07, shards, out, steps=8, total_batch=512, resume="latest",
+                         allow_config_change=True, ckpt_every=2, val_every=0, sample_every=0))  # fmt: skip
+    assert sorted(res["losses"]) == [4, 5, 6, 7]
+    rows = read_metrics(out)
+    changes = [r for r in rows if r["split"] == "config_change"]
+    assert (
+        changes and changes[0]["step"] == 4 and "--total-batch 256 -> 512" in changes[0]["changes"]
+    )
+    tokens = {r["step"]: r["tokens"] for r in rows if r["split"] == "train"}
+    assert tokens[3] == 4 * 256 and tokens[4] == 4 * 256 + 512  # no jump: counted as trained
+    assert load_checkpoint(out)["tokens"] == 4 * 256 + 4 * 512
+
+
+def test_07_removes_stale_temp_files_of_a_killed_save(s07, shards, tmp_path):
+    out = tmp_path / "run"
+    s07.main(small(s07, shards, out, steps=2, ckpt_every=2, val_every=0, sample_every=0))
+    stale = out / ".ckpt_000004.pt.tmp99999"
+    stale.write_bytes(b"half a checkpoint")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    s07.main(small(s07, shards, out, steps=4, resume="latest", allow_config_change=True,
+                   ckpt_every=2, val_every=0, sample_every=0))  # fmt: skip
+    assert not stale.exists() and keep.read_text() == "mine"
+
+
+def test_07_records_the_run_shows_eta_and_mirrors_metrics_to_a_tracker(s07, shards, tmp_path,
+                                                                        monkeypatch, capsys):  # fmt: skip
+    from common import run as run_module
+    from common.train import read_run_header
+
+    seen = []
+
+    class Tracker:  # stands in for wandb: every record must reach it
+        def log(self, record):
+            seen.append(dict(record))
+
+        def finish(self):
+            seen.append("finished")
+
+    asked = {}
+
+    def make_tracker(kind, **kw):
+        asked.update(kind=kind, **kw)
+        return Tracker() if kind else None
+
+    monkeypatch.setattr(run_module, "make_tracker", make_tracker)
+    out = tmp_path / "run"
+    s07.main(small(s07, shards, out, steps=4, wandb="my-project"))
+    assert asked["kind"] == "wandb" and asked["project"] == "my-project"
+    records = [r for r in read_metrics(out) if r["split"] != "run"]
+    assert seen[:-1] == records and seen[-1] == "finished"
+    header = read_run_header(out)
+    assert header["torch"] == torch.__version__ and header["config"]["steps"] == 4
+    assert read_metrics(out)[0]["split"] == "run"  # the first line
+    text = capsys.readouterr().out
+    assert re.search(r"^step +3/4 \(100\.0%\) \| loss .* \| eta 0s$", text, flags=re.M)
+    assert re.search(r"^step +1/4 \(50\.0%\) \| .* \| eta \d+s$", text, flags=re.M)
