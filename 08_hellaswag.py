@@ -13,7 +13,7 @@ On a GPU the model runs in bf16 autocast; on CPU, and with --compare-hf, in fp32
 
 python 08_hellaswag.py --model path/to/hf_dir     # CPU: first 50 examples, ~20 s at GPT-2 size
 python 08_hellaswag.py --model gpt2               # OpenAI's GPT-2 on a GPU: all 10,042
-python 08_hellaswag.py --ckpt out/ckpt_019072.pt  # our checkpoint from stage 07
+python 08_hellaswag.py --ckpt out/ckpt_019073.pt  # our checkpoint from stage 07
 python 08_hellaswag.py --ckpt out --compare-hf    # the newest one, checked against transformers
 torchrun --standalone --nproc_per_node=8 08_hellaswag.py --ckpt out                 # 8 GPUs
 torchrun --standalone --nproc_per_node=2 08_hellaswag.py --device cpu --model DIR  # CPU, gloo

@@ -78,7 +78,7 @@ def measure_train(cfg, device, tmp):
                     steps=cfg.steps, warmup_steps=2, val_every=0, sample_every=0,
                     hellaswag_every=0, ckpt_every=0, keep_last=1, out=str(out))  # fmt: skip
         if str(device) == "cpu":
-            c = replace(c, speedups="vocab")  # compiling on a CPU dry run only costs time
+            c = replace(c, compile=False)  # compiling on a CPU dry run only costs time
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         s07.main(c)
@@ -106,8 +106,8 @@ def measure_hf(cfg, device):
     s05 = load("05_speedups.py")
     B = int(cfg.batch_sizes.split(",")[0])
     c = replace(s05.Config(), device=device, preset=cfg.preset, input=cfg.text, batch_size=B,
-                seq_len=cfg.seq_len, steps=0, only="compile" if device != "cpu" else "vocab",
-                compare_hf=True, warmup=3, timed=10)  # fmt: skip
+                seq_len=cfg.seq_len, steps=0, benchmark="compile" if device != "cpu" else "vocab",
+                compare_hf=True, timed=12)  # fmt: skip
     return s05.main(c)["benchmark"]
 
 
@@ -139,7 +139,7 @@ def measure_stages(cfg, device, tmp):
         ["03_dataloader.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
         ["04_best_practices.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
         ["05_speedups.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T,
-         "--warmup", "2", "--timed", "5"],
+         "--timed", "6"],
         ["06_hyperparams.py", *size, "--input", cfg.text, "--steps", "4", "--seq-len", T,
          "--warmup-steps", "2", "--total-batch", str(cfg.total_batch)],
         ["07_ddp_fineweb.py", *size, "--data-dir", cfg.data_dir, "--steps", "6", "--seq-len", T,

@@ -6,7 +6,7 @@ the same sizes, saved with save_pretrained. The tokenizer files come from tiktok
 files (the same cache the stages use, so this works offline); without them the model is
 still written and a one-line notice says how to add them.
 
-    python -m common.export --ckpt out/ckpt_019072.pt --out gpt2-ours   # or --ckpt out/
+    python -m common.export --ckpt out/ckpt_019073.pt --out gpt2-ours   # or --ckpt out/
     python -c "from transformers import pipeline; \\
         print(pipeline('text-generation', model='gpt2-ours')('Hello, I am')[0])"
     lm_eval --model hf --model_args pretrained=gpt2-ours --tasks hellaswag
