@@ -90,7 +90,7 @@ def test_05_fp32_row_trains_like_stage_04(s05, shakespeare):
 @pytest.mark.parametrize("args,message", [
     (["--benchmark", "turbo"], "unknown --benchmark 'turbo'"),
     (["--benchmark", "tf32", "--steps", "0"], "--benchmark tf32 does not apply here"),
-    (["--dtype", "float8"], "unknown --dtype 'float8'"),
+    (["--dtype", "float8"], "--dtype must be one of bfloat16, float16, float32 (got float8)"),
 ])  # fmt: skip
 def test_05_bad_names_are_refused_before_any_work(args, message, cache_env):
     if "tf32" in args and torch.cuda.is_available():
