@@ -38,7 +38,7 @@ RULES = {
                      "max_new_tokens", "num_samples", "shard_size", "timed", "lr", "max_lr",
                      "grad_clip"), "> 0"),
     **dict.fromkeys(("warmup_steps", "warmup", "seed", "keep_last", "limit", "hellaswag_limit",
-                     "max_tokens", "workers", "top_k", "min_lr", "weight_decay", "temperature"),
+                     "max_tokens", "workers", "top_k", "weight_decay", "temperature"),
                     ">= 0"),
     "top_p": "(0, 1]",
     "dtype": ("bfloat16", "float16", "float32"),

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -59,13 +60,14 @@ def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
 
 
 def test_05_fp16_row_and_grad_scaler(s05, shakespeare):
-    """float16 (GPUs without bf16): the table's half row is fp16 and training uses a scaler."""
-    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=32, timed=3, steps=12,
+    """float16 (GPUs without bf16): the table's half row is fp16 and training uses a scaler.
+    (Small sizes: float16 matmuls are slow on a CPU.)"""
+    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=16, timed=3, steps=10,
                dtype="float16", benchmark="fp16")  # fmt: skip
     out = s05.main(cfg)
     assert [r["name"] for r in out["benchmark"]["rows"]] == ["fp16"]
     assert out["benchmark"]["rows"][0]["status"] == "ok"
-    assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 1
+    assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 0.5
 
 
 def test_05_compare_hf(s05, shakespeare):
@@ -108,7 +110,7 @@ def test_05_cli_json(cache_env, tmp_path, shakespeare):
     assert r.returncode == 0, r.stderr
     assert "bf16" in r.stdout and "tok/s" in r.stdout and "torch " + torch.__version__ in r.stdout
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["name"] == "bf16"
-    assert "step " not in r.stdout  # --steps 0: the table alone
+    assert not re.search(r"^step ", r.stdout, flags=re.M)  # --steps 0: the table alone
 
 
 # ---- stage 06 ----------------------------------------------------------------------------
@@ -195,7 +197,9 @@ def test_06_total_batch_must_divide(s06, shakespeare):
 def test_06_float16_with_grad_scaler_trains(s06, shakespeare):
     """--dtype float16 (older GPUs): autocast to fp16, the loss scaled, gradients unscaled
     before clipping; on CPU too, so the path is tested without a GPU."""
-    out = s06.main(tiny(s06, input=str(shakespeare), steps=12, seq_len=32, dtype="float16"))
-    assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 1
+    cfg = tiny(s06, input=str(shakespeare), steps=10, batch_size=2, seq_len=16, total_batch=64,
+               dtype="float16")  # fmt: skip
+    out = s06.main(cfg)
+    assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 0.5
     assert all(math.isfinite(n) for n in out["norms"])  # unscaled: true norms, not x 65536
     assert max(out["norms"]) < 100

@@ -283,7 +283,7 @@ BAD_FLAGS = [
     (["--keep-last", "-1"], "--keep-last must be a non-negative integer (got -1)"),
     (["--val-every", "-5"], "--val-every must be a non-negative integer (got -5)"),
     (["--max-lr", "0"], "--max-lr must be a positive number (got 0.0)"),
-    (["--min-lr", "nan"], "--min-lr must be a finite number (got nan)"),
+    (["--max-lr", "nan"], "--max-lr must be a finite number (got nan)"),
     (["--grad-clip", "inf"], "--grad-clip must be a finite number (got inf)"),
 ]
 
