@@ -274,11 +274,11 @@ class ModernGPT(nn.Module):
 
 def newton_schulz(G, steps=5, eps=1e-7):
     """muon: ~U V^T for G = U S V^T: every singular value pushed towards 1, with matmuls only
-    (no SVD), in bf16. Each step applies p(s) = a s + b s^3 + c s^5 to every singular value;
-    these coefficients lift small ones fast and leave all of them in roughly [0.7, 1.2],
-    not exactly 1: close enough for an update direction, and 5 steps are cheap."""
+    (no SVD). Each step applies p(s) = a s + b s^3 + c s^5 to every singular value; these
+    coefficients lift small ones fast and leave most of them in roughly [0.7, 1.2], not
+    exactly 1: close enough for an update direction, and 5 steps are cheap."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16() if G.is_cuda else G.float()  # bf16 on tensor cores; CPUs: fp32 is faster
     tall = X.size(0) > X.size(1)
     if tall:  # work on the wide side: X @ X.T is then the smaller of the two Gram matrices
         X = X.T
