@@ -19,7 +19,7 @@ loss on held-out text: the last 10% of the tokens, or the val shard with --data-
 The table: parameters, tokens, val loss, its difference to the baseline (mean and spread
 over the seeds, paired: same seed, same data), training time and tokens/s.
 
-Run on CPU (tiny preset, 2 seeds of 5 rows, < 1 min; differences there are mostly noise):
+Run on CPU (tiny preset, 2 seeds of every row, 10 steps each, < 1 min; mostly noise there):
     python 09_modern.py
 Run on a GPU (gpt2 preset, 3 seeds of every row, tiny shakespeare):  python 09_modern.py
 At a scale where the differences are real (shards from `python -m common.fineweb`):
@@ -75,9 +75,8 @@ class Config:
     muon_lr: float = 0.02  # Muon's peak learning rate (the same warmup + cosine shape)
     out: str = "out"  # the table and every run's numbers go to {out}/ablation.json
     cpu: ClassVar[dict] = dict(
-        preset="tiny", batch_size=8, seq_len=64, steps=12, max_lr=2e-3, min_lr=2e-4,
-        warmup_steps=2, total_batch=512, seeds=2, rows="baseline,rope,swiglu,muon,all",
-        val_steps=4,
+        preset="tiny", batch_size=4, seq_len=64, steps=10, max_lr=2e-3, min_lr=2e-4,
+        warmup_steps=2, total_batch=256, seeds=2, val_steps=4,
     )  # fmt: skip
 
 
@@ -479,9 +478,10 @@ def noise_notice(rows, seeds, device, tokens):
         text = (f"noise: the largest seed spread here is {s:.4f}; a difference smaller than about "
                 f"twice that ({2 * s:.4f}) is noise, not an effect of the change")  # fmt: skip
     if device == "cpu":
-        text += (f". CPU scale ({tokens:,} tokens per run, tiny model): the rows barely left "
-                 "the start of training, where differences are mostly noise; run on a GPU "
-                 "(gpt2 preset, 3 seeds) for real ones")  # fmt: skip
+        text += (f". CPU scale ({tokens:,} tokens per run, tiny model): every run stopped at "
+                 "the very start of training, so a difference here says which row starts "
+                 "faster, not which trains better; run on a GPU (gpt2 preset, 3 seeds) or with "
+                 "--data-dir and more --steps for differences that mean something")  # fmt: skip
     return text
 
 

@@ -11,7 +11,7 @@ from conftest import load_stage, run_script
 from test_stages import STEP_RE, tiny
 
 from common import UserError
-from common.model import GPT, GPTConfig, preset_config
+from common.model import GPT, PRESETS, GPTConfig, preset_config
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 SWITCHES = ("--rows", "--seeds", "--rope", "--rmsnorm", "--qk-norm", "--mlp", "--bias",
@@ -21,6 +21,14 @@ SWITCHES = ("--rows", "--seeds", "--rope", "--rmsnorm", "--qk-norm", "--mlp", "-
 @pytest.fixture(scope="module")
 def s09():
     return load_stage("09_modern")
+
+
+@pytest.fixture
+def micro(monkeypatch):
+    """A preset smaller than tiny for the training tests: most of a CPU step is the
+    vocabulary (50304 x n_embd), so n_embd 32 is ~4x faster than tiny's 128."""
+    monkeypatch.setitem(PRESETS, "micro", dict(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    return "micro"
 
 
 def small(s09, **switches):
@@ -131,35 +139,37 @@ def test_muon_matches_torch_muon(s09):
     assert (a - b).abs().max().item() < 2e-3  # 3 steps of size ~0.02 * 1.4 per entry-rms
 
 
-def test_every_row_trains_and_the_table_says_it_is_noise(s09, shakespeare, tmp_path, capsys):
-    cfg = tiny(s09, input=str(shakespeare), batch_size=2, seq_len=32, total_batch=64, steps=8,
-               warmup_steps=2, max_lr=3e-3, seeds=1, rows=",".join(s09.ROWS), val_steps=2,
-               out=str(tmp_path))  # fmt: skip
+def test_every_row_trains_and_the_table_says_it_is_noise(s09, shakespeare, micro, tmp_path, capsys):
+    """Every switch alone and all together: 10 steps of 64 tokens each, the loss falls.
+    (At this size the higher learning rates make the falls clear; no ranking is checked.)"""
+    cfg = tiny(s09, preset=micro, input=str(shakespeare), batch_size=2, seq_len=32,
+               total_batch=64, steps=10, warmup_steps=2, max_lr=1e-2, muon_lr=0.05, seeds=1,
+               rows=",".join(s09.ROWS), val_steps=2, out=str(tmp_path))  # fmt: skip
     out = s09.main(cfg)
     assert [r["name"] for r in out["rows"]] == list(s09.ROWS)
     for name, (run,) in out["runs"].items():
         losses = run["losses"]
         assert all(math.isfinite(v) for v in losses), name
-        assert losses[-1] < losses[0] - 1, (name, losses)  # falls, whatever the switch
+        assert min(losses[-3:]) < losses[0] - 0.5, (name, losses)  # falls, whatever the switch
         assert run["val_loss"] < losses[0], name
-    assert out["tokens"] == 8 * 64  # equal data for every row
+    assert out["tokens"] == 10 * 64  # equal data for every row
     params = {r["name"]: r["params"] for r in out["rows"]}
-    assert params["rope"] == params["baseline"] - 256 * 128  # no wpe
+    assert params["rope"] == params["baseline"] - 64 * 32  # no wpe
     assert params["nobias"] < params["baseline"] and params["muon"] == params["baseline"]
     text = capsys.readouterr().out
-    assert sum(1 for line in text.splitlines() if STEP_RE.match(line)) == 8 * len(s09.ROWS)
+    assert sum(1 for line in text.splitlines() if STEP_RE.match(line)) == 10 * len(s09.ROWS)
     table = text[text.index("\nrow ") :]
     for name in s09.ROWS:
         assert any(line.split()[:1] == [name] for line in table.splitlines()), name
     assert "noise: one seed per row" in text and "CPU scale" in text
     assert "summary:" in text
     saved = json.loads((tmp_path / "ablation.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == list(s09.ROWS) and saved["tokens"] == 512
+    assert [r["name"] for r in saved["rows"]] == list(s09.ROWS) and saved["tokens"] == 640
 
 
-def test_seed_spread_and_paired_difference(s09, shakespeare, tmp_path, capsys):
-    cfg = tiny(s09, input=str(shakespeare), batch_size=2, seq_len=32, total_batch=64, steps=3,
-               warmup_steps=1, seeds=2, rows="baseline,flags", rope=True, mlp="relu2",
+def test_seed_spread_and_paired_difference(s09, shakespeare, micro, tmp_path, capsys):
+    cfg = tiny(s09, preset=micro, input=str(shakespeare), batch_size=2, seq_len=32,
+               total_batch=64, steps=3, warmup_steps=1, seeds=2, rows="baseline,flags", rope=True, mlp="relu2",
                val_steps=1, out=str(tmp_path))  # fmt: skip
     out = s09.main(cfg)
     base, flags = out["rows"]
@@ -175,12 +185,12 @@ def test_seed_spread_and_paired_difference(s09, shakespeare, tmp_path, capsys):
     assert "noise: the largest seed spread here is" in text and " ± " in text
 
 
-def test_shards_and_bad_input(s09, tmp_path):
+def test_shards_and_bad_input(s09, micro, tmp_path):
     rng = np.random.default_rng(0)
     for name in ("t_val_000000.npy", "t_train_000001.npy"):
         np.save(tmp_path / name, rng.integers(0, 50257, 2000, dtype=np.uint16))
-    cfg = tiny(s09, data_dir=str(tmp_path), batch_size=2, seq_len=16, total_batch=32, steps=2,
-               seeds=1, rows="baseline", val_steps=2, out=str(tmp_path / "out"))  # fmt: skip
+    cfg = tiny(s09, preset=micro, data_dir=str(tmp_path), batch_size=2, seq_len=16,
+               total_batch=32, steps=2, seeds=1, rows="baseline", val_steps=2, out=str(tmp_path / "out"))  # fmt: skip
     (run,) = s09.main(cfg)["runs"]["baseline"]
     assert len(run["losses"]) == 2 and math.isfinite(run["val_loss"])
     with pytest.raises(UserError, match="unknown row 'turbo'"):
