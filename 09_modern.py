@@ -47,6 +47,20 @@ from common.model import GPTConfig, preset_config
 from common.train import lr_at, make_optimizer, pick_device, seed_all, step_line, synchronize
 
 
+# Each row of the table: the switches it turns on. The baseline is GPT-2 as stages 04-08 train it.
+ROWS = {
+    "baseline": {},
+    "rope": dict(rope=True),
+    "rmsnorm": dict(rmsnorm=True),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(mlp="relu2"),
+    "swiglu": dict(mlp="swiglu"),
+    "nobias": dict(bias=False),
+    "muon": dict(optimizer="muon"),
+    "all": dict(rope=True, rmsnorm=True, qk_norm=True, mlp="swiglu", bias=False, optimizer="muon"),
+}
+
+
 @dataclass
 class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
@@ -64,7 +78,7 @@ class Config:
     total_batch: int = 8192  # tokens per optimizer step; a multiple of B*T
     seed: int = 1337  # seed of each row's first run; run i uses seed + i
     seeds: int = 3  # runs per row, one seed each: their spread shows what is noise
-    rows: str = "baseline,rope,rmsnorm,qk_norm,relu2,swiglu,nobias,muon,all"  # table rows, comma-separated; `flags` = the switches below
+    rows: str = ",".join(ROWS)  # rows to train, comma-separated; flags = the switches below
     val_steps: int = 20  # held-out batches per evaluation (at most what the val text holds)
     rope: bool = False  # flags row: rotary position embeddings instead of the learned wpe
     rmsnorm: bool = False  # flags row: RMSNorm instead of LayerNorm
@@ -80,18 +94,6 @@ class Config:
     )  # fmt: skip
 
 
-# Each row of the table: the switches it turns on. The baseline is GPT-2 as stages 04-08 train it.
-ROWS = {
-    "baseline": {},
-    "rope": dict(rope=True),
-    "rmsnorm": dict(rmsnorm=True),
-    "qk_norm": dict(qk_norm=True),
-    "relu2": dict(mlp="relu2"),
-    "swiglu": dict(mlp="swiglu"),
-    "nobias": dict(bias=False),
-    "muon": dict(optimizer="muon"),
-    "all": dict(rope=True, rmsnorm=True, qk_norm=True, mlp="swiglu", bias=False, optimizer="muon"),
-}
 MLPS = ("gelu", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon")
 
@@ -342,7 +344,9 @@ def row_switches(cfg, name):
         if cfg.mlp not in MLPS:  # fail now, not after the rows before it have trained
             raise UserError(f"unknown mlp '{cfg.mlp}': choose one of {', '.join(MLPS)}")
         if cfg.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer '{cfg.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
+            raise UserError(
+                f"unknown optimizer '{cfg.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
+            )
         return dict(rope=cfg.rope, rmsnorm=cfg.rmsnorm, qk_norm=cfg.qk_norm, mlp=cfg.mlp,
                     bias=cfg.bias, optimizer=cfg.optimizer)  # fmt: skip
     if name not in ROWS:
@@ -405,7 +409,8 @@ def train_run(cfg, switches, seed, data, ctx, device):
                         tokens_per_s=cfg.total_batch / dts[-1]))  # fmt: skip
     val = evaluate(model, data["val"], ctx, data["val_steps"], device)
     return dict(seed=seed, losses=losses, val_loss=val, params=model.num_params(),
-                train_s=sum(dts), tokens_per_s=cfg.total_batch / statistics.median(dts))  # fmt: skip
+                train_s=sum(dts),
+                tokens_per_s=cfg.total_batch / statistics.median(dts))  # fmt: skip
 
 
 def load_data(cfg, enc):
@@ -531,7 +536,8 @@ def main(cfg):
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     best = min(rows, key=lambda r: r["val_loss"])
     print(f"summary: {len(names)} rows x {cfg.seeds} seed(s) at {tokens:,} tokens each: "
-          f"best val loss {best['val_loss']:.4f} ({best['name']}); wrote {out / 'ablation.json'}")  # fmt: skip
+          f"best val loss {best['val_loss']:.4f} ({best['name']}); "
+          f"wrote {out / 'ablation.json'}")  # fmt: skip
     return dict(rows=rows, runs=runs, table=table, notice=notice, tokens=tokens)
 
 

@@ -169,8 +169,8 @@ def test_every_row_trains_and_the_table_says_it_is_noise(s09, shakespeare, micro
 
 def test_seed_spread_and_paired_difference(s09, shakespeare, micro, tmp_path, capsys):
     cfg = tiny(s09, preset=micro, input=str(shakespeare), batch_size=2, seq_len=32,
-               total_batch=64, steps=3, warmup_steps=1, seeds=2, rows="baseline,flags", rope=True, mlp="relu2",
-               val_steps=1, out=str(tmp_path))  # fmt: skip
+               total_batch=64, steps=3, warmup_steps=1, seeds=2, rows="baseline,flags", rope=True,
+               mlp="relu2",               val_steps=1, out=str(tmp_path))  # fmt: skip
     out = s09.main(cfg)
     base, flags = out["rows"]
     runs = out["runs"]
@@ -190,7 +190,8 @@ def test_shards_and_bad_input(s09, micro, tmp_path):
     for name in ("t_val_000000.npy", "t_train_000001.npy"):
         np.save(tmp_path / name, rng.integers(0, 50257, 2000, dtype=np.uint16))
     cfg = tiny(s09, preset=micro, data_dir=str(tmp_path), batch_size=2, seq_len=16,
-               total_batch=32, steps=2, seeds=1, rows="baseline", val_steps=2, out=str(tmp_path / "out"))  # fmt: skip
+               total_batch=32, steps=2, seeds=1, rows="baseline", val_steps=2,
+               out=str(tmp_path / "out"))  # fmt: skip
     (run,) = s09.main(cfg)["runs"]["baseline"]
     assert len(run["losses"]) == 2 and math.isfinite(run["val_loss"])
     with pytest.raises(UserError, match="unknown row 'turbo'"):
