@@ -23,9 +23,12 @@ Run on CPU (tiny preset, 2 seeds of every row, 10 steps each, < 1 min; mostly no
     python 09_modern.py
 Run on a GPU (gpt2 preset, 3 seeds of every row, tiny shakespeare):  python 09_modern.py
 At a scale where the differences are real (shards from `python -m common.fineweb`):
-    python 09_modern.py --data-dir data/edu_fineweb10B --batch-size 32 --steps 500
+    python 09_modern.py --data-dir data/edu_fineweb10B --batch-size 32 --steps 500  # 16M tokens/run
 One configuration from the switches:   python 09_modern.py --rows flags --rope --mlp swiglu
 It against the baseline:    python 09_modern.py --rows baseline,flags --rmsnorm --bias false
+tokens/s is measured in eager mode (no torch.compile: compiling every run would cost more than
+these short runs); the written-out RMSNorm and rotation are several small kernels each, which
+a compiler would fuse, so they look slower here than in a compiled model.
 """
 
 import json
@@ -75,7 +78,7 @@ class Config:
     warmup_steps: int = 10  # linear warmup from max_lr / warmup_steps
     weight_decay: float = 0.1  # AdamW decay on >= 2-D parameters only
     grad_clip: float = 1.0  # clip the global gradient norm to this
-    total_batch: int = 8192  # tokens per optimizer step; a multiple of B*T
+    total_batch: int = 0  # tokens per optimizer step, a multiple of B*T (0: B*T, no accumulation)
     seed: int = 1337  # seed of each row's first run; run i uses seed + i
     seeds: int = 3  # runs per row, one seed each: their spread shows what is noise
     rows: str = ",".join(ROWS)  # rows to train, comma-separated; flags = the switches below
@@ -90,7 +93,7 @@ class Config:
     out: str = "out"  # the table and every run's numbers go to {out}/ablation.json
     cpu: ClassVar[dict] = dict(
         preset="tiny", batch_size=4, seq_len=64, steps=10, max_lr=2e-3, min_lr=2e-4,
-        warmup_steps=2, total_batch=256, seeds=2, val_steps=4,
+        warmup_steps=2, seeds=2, val_steps=4,
     )  # fmt: skip
 
 
@@ -375,13 +378,13 @@ def evaluate(model, make_loader, ctx, steps, device):
     return total
 
 
-def train_run(cfg, switches, seed, data, ctx, device):
+def train_run(cfg, switches, seed, total_batch, data, ctx, device):
     seed_all(seed)  # a different seed: different init; the batches stay the same
     model = build_model(cfg.preset, switches, device)
     optimizers = make_optimizers(model, switches.get("optimizer", "adamw"), cfg, device)
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["peak_lr"] = group["lr"]  # AdamW's and Muon's peaks differ; the shape is shared
-    loader, accum_steps = data["train"](), cfg.total_batch // (cfg.batch_size * cfg.seq_len)
+    loader, accum_steps = data["train"](), total_batch // (cfg.batch_size * cfg.seq_len)
     losses, dts = [], []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -406,11 +409,11 @@ def train_run(cfg, switches, seed, data, ctx, device):
         dts.append(time.perf_counter() - t0)
         losses.append(loss_accum.item())
         print(step_line(step, losses[-1], lr=lr, norm=norm.item(), dt=dts[-1],
-                        tokens_per_s=cfg.total_batch / dts[-1]))  # fmt: skip
+                        tokens_per_s=total_batch / dts[-1]))  # fmt: skip
     val = evaluate(model, data["val"], ctx, data["val_steps"], device)
     return dict(seed=seed, losses=losses, val_loss=val, params=model.num_params(),
                 train_s=sum(dts),
-                tokens_per_s=cfg.total_batch / statistics.median(dts))  # fmt: skip
+                tokens_per_s=total_batch / statistics.median(dts))  # fmt: skip
 
 
 def load_data(cfg, enc):
@@ -466,12 +469,13 @@ def format_table(rows, tokens, seeds):
             delta = f"{r['delta']:+.4f}{pm(r['delta_spread'])}"
         lines.append(f"{r['name']:<9} {r['params']:>11,} {tokens:>10,} {val:>17} {delta:>17} "
                      f"{r['train_s']:>6.1f}s {r['tokens_per_s']:>9,.0f}")  # fmt: skip
-    lines.append(f"(means over {seeds} seed(s); ± is the standard deviation over seeds; "
-                 "val loss at equal tokens, lower is better)")  # fmt: skip
+    lines.append(f"(means over {seeds} seed(s), ± their standard deviation; val loss on held-out "
+                 "text at equal tokens, lower is better; time: training seconds per run, val "
+                 "excluded; tok/s: median step, eager mode)")  # fmt: skip
     return "\n".join(lines)
 
 
-def noise_notice(rows, seeds, device, tokens):
+def noise_notice(rows, seeds, device, tokens, preset):
     """Say plainly how much of the table is noise."""
     base = next((r for r in rows if r["name"] == "baseline"), None)
     spreads = [r["delta_spread"] for r in rows if r["delta_spread"] is not None]
@@ -482,8 +486,8 @@ def noise_notice(rows, seeds, device, tokens):
         s = max([base["val_spread"], *spreads])
         text = (f"noise: the largest seed spread here is {s:.4f}; a difference smaller than about "
                 f"twice that ({2 * s:.4f}) is noise, not an effect of the change")  # fmt: skip
-    if device == "cpu":
-        text += (f". CPU scale ({tokens:,} tokens per run, tiny model): every run stopped at "
+    if not device.startswith("cuda"):
+        text += (f". CPU scale ({tokens:,} tokens per run, preset {preset}): every run stopped at "
                  "the very start of training, so a difference here says which row starts "
                  "faster, not which trains better; run on a GPU (gpt2 preset, 3 seeds) or with "
                  "--data-dir and more --steps for differences that mean something")  # fmt: skip
@@ -498,10 +502,11 @@ def main(cfg):
     switches = {name: row_switches(cfg, name) for name in names}  # unknown rows fail here
     if cfg.seeds < 1:
         raise UserError(f"--seeds {cfg.seeds}: need at least 1 run per row")
-    if cfg.total_batch % (B * T):
-        raise UserError(f"--total-batch {cfg.total_batch} is not a multiple of B*T = {B * T}")
+    total_batch = cfg.total_batch or B * T
+    if total_batch % (B * T):
+        raise UserError(f"--total-batch {total_batch} is not a multiple of B*T = {B * T}")
     data = load_data(cfg, enc)
-    tokens = cfg.steps * cfg.total_batch  # the same for every row: equal data
+    tokens = cfg.steps * total_batch  # the same for every row: equal data
     if data["train_tokens"] and tokens > data["train_tokens"]:
         print(f"note: {tokens / data['train_tokens']:.1f} passes over the training text per run: "
               "the val loss also measures how fast each row starts to memorize it")  # fmt: skip
@@ -509,8 +514,10 @@ def main(cfg):
     ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     if device == "mps":
         ctx = nullcontext()
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32, as in stages 05-08
     print(f"ablation: {len(names)} rows x {cfg.seeds} seed(s), {cfg.steps} steps of "
-          f"{cfg.total_batch:,} tokens = {tokens:,} tokens per run, preset {cfg.preset}, "
+          f"{total_batch:,} tokens = {tokens:,} tokens per run, preset {cfg.preset}, "
           f"{bench.hardware_name(device)}, torch {torch.__version__}")  # fmt: skip
 
     runs = {}
@@ -519,13 +526,15 @@ def main(cfg):
         for i in range(cfg.seeds):
             on = ", ".join(f"{k}={v}" for k, v in switches[name].items()) or "GPT-2"
             print(f"--- row {name} ({on}), seed {cfg.seed + i}")
-            runs[name].append(train_run(cfg, switches[name], cfg.seed + i, data, ctx, device))
+            runs[name].append(
+                train_run(cfg, switches[name], cfg.seed + i, total_batch, data, ctx, device)
+            )
             print(f"val loss {runs[name][-1]['val_loss']:.4f}")
 
     base_runs = runs.get("baseline")
     rows = [summarize(name, runs[name], base_runs) for name in names]
     table = format_table(rows, tokens, cfg.seeds)
-    notice = noise_notice(rows, cfg.seeds, device, tokens)
+    notice = noise_notice(rows, cfg.seeds, device, tokens, cfg.preset)
     print(table)
     print(notice)
     out = Path(cfg.out)
