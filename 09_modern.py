@@ -9,7 +9,7 @@ few lines behind its own switch, and trained against the GPT-2 baseline on the s
   qk_norm  RMSNorm on every head's q and k before attention: attention logits stay bounded
   mlp      gelu (GPT-2) | relu2: relu(x)^2 | swiglu: silu(x W_gate) * (x W_up), with a
            hidden size of 8/3 n_embd instead of 4 n_embd so the parameter count stays equal
-  bias     --bias false: no bias in any Linear or norm, as most models since GPT-2
+  bias     --bias false: no bias in any Linear or norm, as in PaLM and Llama
   muon     the optimizer: Muon (momentum, then the update orthogonalized by a Newton-Schulz
            iteration) for the 2-D matrices inside the blocks, AdamW for everything else
 Every row of the table trains fresh models (seeds --seed, --seed+1, ...) on the same
@@ -115,7 +115,8 @@ class ModernConfig(GPTConfig):
 
 class RMSNorm(nn.Module):
     """rmsnorm: x / sqrt(mean(x^2) + eps) * weight. LayerNorm also subtracts the mean and adds
-    a bias; dropping both costs nothing in quality and saves a reduction."""
+    a bias; RMSNorm's paper (Zhang & Sennrich, 2019) found the rescaling alone does the work,
+    with one reduction instead of two."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -136,8 +137,8 @@ def make_norm(config):
 
 def rope_tables(block_size, head_dim, base=10000.0):
     """rope: cos and sin of angle pos * base^(-2i/head_dim) for every position and pair i,
-    each (block_size, head_dim / 2). Pair 0 turns by 1 radian per position, the last pair
-    ~10,000x slower: fast pairs tell neighbours apart, slow ones carry long distances."""
+    each (block_size, head_dim / 2). Pair 0 turns by 1 radian per position, the last one
+    nearly 10,000x slower: fast pairs tell neighbours apart, slow ones carry long distances."""
     freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)  # (T, hs/2)
     return angles.cos(), angles.sin()
@@ -169,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.qk_norm:  # qk_norm: |q.k| / sqrt(hs) can no longer grow without bound
+        if self.qk_norm:  # qk_norm: the logits' size is set by two gains, not by the weights
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rope: position enters here, in every layer, and only here
             q, k = rotate(q, *rope), rotate(k, *rope)
@@ -315,7 +316,7 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)  # momentum: a running sum of gradients
                 g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov: look one step ahead
                 update = newton_schulz(g)
-                update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # tall matrices: same RMS step
+                update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # RMS 1/sqrt(fan_in), tall too
                 p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled decay (0 here)
                 p.add_(update, alpha=-group["lr"])
 
