@@ -73,8 +73,7 @@ class Config:
     batch_size: int = 8  # sequences per micro-step
     seq_len: int = 1024  # tokens per sequence
     steps: int = 80  # optimizer steps per run: every row sees steps x total_batch tokens
-    max_lr: float = 6e-4  # AdamW's peak learning rate, reached at the end of warmup
-    min_lr: float = 6e-5  # learning rate at the end of the cosine (10% of the peak)
+    max_lr: float = 6e-4  # AdamW's peak learning rate, reached at the end of warmup; min is 10%
     warmup_steps: int = 10  # linear warmup from max_lr / warmup_steps
     weight_decay: float = 0.1  # AdamW decay on >= 2-D parameters only
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -92,9 +91,10 @@ class Config:
     muon_lr: float = 0.02  # Muon's peak learning rate (the same warmup + cosine shape)
     out: str = "out"  # the table and every run's numbers go to {out}/ablation.json
     cpu: ClassVar[dict] = dict(
-        preset="tiny", batch_size=4, seq_len=64, steps=10, max_lr=2e-3, min_lr=2e-4,
-        warmup_steps=2, seeds=2, val_steps=4,
+        preset="tiny", batch_size=4, seq_len=64, steps=10, max_lr=2e-3, warmup_steps=2, seeds=2,
+        val_steps=4,
     )  # fmt: skip
+    rules: ClassVar[dict] = dict(total_batch=">= 0")  # --total-batch 0: B*T, no accumulation
 
 
 MLPS = ("gelu", "relu2", "swiglu")
@@ -327,7 +327,7 @@ def make_optimizers(model, name, cfg, device):
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}")
     if name == "adamw":
-        return [make_optimizer(model, cfg.weight_decay, cfg.max_lr, device)[0]]
+        return [make_optimizer(model, cfg.weight_decay, cfg.max_lr, device)]
     named = dict(model.named_parameters())  # a tied matrix appears once
     hidden = [p for n, p in named.items() if n.startswith("transformer.h.") and p.dim() == 2]
     rest = [p for n, p in named.items() if not (n.startswith("transformer.h.") and p.dim() == 2)]
@@ -401,7 +401,7 @@ def train_run(cfg, switches, seed, total_batch, data, ctx, device):
             loss_accum += loss.detach()
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+        lr = lr_at(step, cfg.max_lr, cfg.warmup_steps, cfg.steps)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * lr / cfg.max_lr
@@ -422,7 +422,8 @@ def load_data(cfg, enc):
     B, T = cfg.batch_size, cfg.seq_len
     if cfg.data_dir:  # FineWeb-Edu shards: shard 0 is validation
         print(f"data: token shards in {cfg.data_dir}")
-        return dict(train=lambda: ShardLoader(cfg.data_dir, "train", B, T),
+        step_tokens = cfg.total_batch or B * T  # shards change between optimizer steps only
+        return dict(train=lambda: ShardLoader(cfg.data_dir, "train", B, T, step_tokens=step_tokens),
                     val=lambda: ShardLoader(cfg.data_dir, "val", B, T), val_steps=cfg.val_steps,
                     train_tokens=None)  # fmt: skip
     tokens = enc.encode_ordinary(load_text(cfg.input))

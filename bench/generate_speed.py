@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from common.cli import parse_args  # noqa: E402
 from common.export import to_hf  # noqa: E402
 from common.generate import generate  # noqa: E402
-from common.model import GPT, preset_config  # noqa: E402
+from common.model import GPT, GPT2_VOCAB, preset_config  # noqa: E402
 from common.train import pick_device, synchronize  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(cfg):
     model = GPT(config).to(device).eval()
     hf = to_hf(model).to(device) if cfg.hf else None
     B, N = cfg.batch_size, cfg.new_tokens
-    prompt = torch.randint(0, 50257, (B, cfg.prompt_len), device=device)
+    prompt = torch.randint(0, GPT2_VOCAB, (B, cfg.prompt_len), device=device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else None
     env = (f"torch {torch.__version__}, {device} "
