@@ -128,7 +128,12 @@ def measure(cfg, tmp):
     for _ in range(cfg.rounds):  # the table alone, --rounds times: how much a rerun moves
         out, _ = run([str(ROOT / "05_speedups.py"), "--steps", "0", "--json", "t.json"], work)
         tables.append(json.loads((work / "t.json").read_text()))
-    return dict(stages=stages, tables=tables)
+    hf = {}  # ours / transformers, same settings, same batch, timed interleaved
+    for row in ("vocab", "compile"):
+        run([str(ROOT / "05_speedups.py"), "--steps", "0", "--benchmark", row, "--compare-hf",
+             "--json", "h.json"], work)  # fmt: skip
+        hf[row] = json.loads((work / "h.json").read_text())["rows"]
+    return dict(stages=stages, tables=tables, hf=hf)
 
 
 def ratio_spread(tables):
@@ -172,6 +177,18 @@ def render_benchmarks(res, meta):
             continue
         m, lo, hi = spread[r["name"]]
         out.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {m:.2f}x ({lo:.2f}-{hi:.2f}) |")
+    out += [
+        "",
+        "Ours vs transformers' GPT2LMHeadModel (`python 05_speedups.py --steps 0 --benchmark "
+        "ROW --compare-hf`: the same settings, batch and training step):",
+        "",
+        "| row | ours tok/s | transformers tok/s | ours / transformers |",
+        "|---|---|---|---|",
+    ]
+    for row, rows in res["hf"].items():
+        ours, theirs = rows[0], rows[1]
+        out.append(f"| {row} | {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} | "
+                   f"{theirs['ours_over_hf']:.2f}x |")  # fmt: skip
     out += ["", "| stage | command | wall time | headline |", "|---|---|---|---|"]
     for name, s in res["stages"].items():
         head = (s["lines"] or [""])[-1].replace("|", "\\|")
