@@ -78,6 +78,10 @@ STAGES = {
     "08_hellaswag": ("HellaSwag `acc`/`acc_norm`, batched and distributed; `--ckpt`, `--model`, "
                      "`--compare-hf`", "python 08_hellaswag.py --ckpt out/ --data "
                      "tests/data/hellaswag_fixture.jsonl", "all 10,042 val examples in bf16"),
+    "09_modern": ("RoPE, RMSNorm, QK-norm, ReLU^2 / SwiGLU, no biases, Muon: each trained "
+                  "against GPT-2 at equal tokens over seeds, with the noise stated",
+                  "python 09_modern.py --input input.txt",
+                  "gpt2 size, 3 seeds per row (`--data-dir` for FineWeb shards)"),
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,26 @@ PEAK_BF16 = {
 def hardware_name(device):
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    return f"{cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def cpu_model():
+    """The CPU's name and what it has for bf16 math: bf16 speedups on a CPU hinge on it
+    (AMX tiles, AVX-512 BF16 instructions, or neither), so a CPU table without it cannot be
+    compared with another machine's."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the platform's name is all there is
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["none"]
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({isa}, bf16 ISA: {'+'.join(bf16)})"
 
 
 def known_peak(device):
