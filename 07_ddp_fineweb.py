@@ -191,10 +191,10 @@ def main(cfg):
         if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
             run.save(step + 1)  # rank 0 writes; the model, optimizer and loader given above
 
-    val = val_losses[max(val_losses)] if val_losses else float("nan")
+    val = f"{val_losses[max(val_losses)]:.4f}" if val_losses else "n/a (not evaluated)"
     print0(f"summary: steps {run.start_step}..{cfg.steps} of {cfg.total_batch:,} tokens on "
            f"{ddp.world_size} process(es): train loss {losses[min(losses)]:.4f} -> "
-           f"{losses[max(losses)]:.4f}, val loss {val:.4f}, newest checkpoint {run.newest}")  # fmt: skip
+           f"{losses[max(losses)]:.4f}, val loss {val}, newest checkpoint {run.newest}")  # fmt: skip
     run.close()  # releases --out for the next run
     if ddp.enabled:
         dist.destroy_process_group()

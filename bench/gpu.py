@@ -9,8 +9,9 @@ Parts (--parts, comma separated; all by default):
   hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
   hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
   generate   KV-cache vs no-cache vs transformers generation (bench/generate_speed.py)
-  stages     00 ... 08 as subprocesses at the real size for a few steps: exit code, loss
-             finite and falling where the stage trains
+  stages     00 ... 09 as subprocesses at the real size for a few steps: exit code, loss
+             finite and falling where the stage trains; 07 also under torchrun (NCCL on a
+             GPU) with checkpoints, then --resume to more steps
 
 Data: --data-dir holds token shards (e.g. made from tiny shakespeare on a machine with
 `datasets`: see README), --text a text file for stages 02-06. Weights for 01/08: a random
@@ -111,16 +112,17 @@ def measure_hf(cfg, device):
     return s05.main(c)["benchmark"]
 
 
-def run_stage(args, timeout=600):
+def run_stage(label, args, timeout=600):
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)  # fmt: skip
     summary = next((x for x in r.stdout.splitlines() if x.startswith("summary:")), "")
     m = re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", summary)
     falling = bool(m) and float(m.group(2)) < float(m.group(1))
-    return dict(stage=args[0], rc=r.returncode, seconds=time.perf_counter() - t0,
+    err = r.stderr.strip().splitlines()
+    return dict(stage=label, rc=r.returncode, seconds=time.perf_counter() - t0,
                 summary=summary, falling=falling if m else None,
-                error=r.stderr.strip().splitlines()[-1] if r.returncode else "")  # fmt: skip
+                error=err[-1] if r.returncode and err else "")  # fmt: skip
 
 
 def measure_stages(cfg, device, tmp):
@@ -148,10 +150,24 @@ def measure_stages(cfg, device, tmp):
          cfg.hellaswag_data, "--out", str(Path(tmp) / "stage07")],
         ["08_hellaswag.py", "--device", device, "--model", str(hf_dir), "--data",
          cfg.hellaswag_data, "--compare-hf"],
+        ["09_modern.py", *size, "--input", cfg.text, "--steps", "4", "--seq-len", T,
+         "--warmup-steps", "2", "--seeds", "1", "--val-steps", "2", "--out",
+         str(Path(tmp) / "stage09")],
     ]  # fmt: skip
+    # 07 as the real run starts it: torchrun (NCCL on a GPU), a checkpoint every 2 steps,
+    # then --resume to 6 steps with --allow-config-change (steps is a resume key)
+    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "07_ddp_fineweb.py",
+           *size, "--data-dir", cfg.data_dir, "--seq-len", T, "--warmup-steps", "2",
+           "--total-batch", str(cfg.total_batch), "--val-every", "2", "--sample-every", "0",
+           "--ckpt-every", "2", "--hellaswag-every", "3", "--hellaswag-data", cfg.hellaswag_data,
+           "--out", str(Path(tmp) / "stage07_ddp")]  # fmt: skip
+    runs = [(args[0], args) for args in runs] + [
+        ("07 torchrun", [*ddp, "--steps", "4"]),
+        ("07 torchrun --resume", [*ddp, "--steps", "6", "--resume", "--allow-config-change"]),
+    ]
     rows = []
-    for args in runs:
-        rows.append(run_stage(args))
+    for label, args in runs:
+        rows.append(run_stage(label, args))
         r = rows[-1]
         print(f"{r['stage']:<22} rc {r['rc']}  {r['seconds']:6.1f}s  falling {r['falling']}  "
               f"{r['summary'][:110] or r['error']}")  # fmt: skip

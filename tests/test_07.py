@@ -186,6 +186,7 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
         "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one.stdout
     )
     assert two.stdout.count("summary:") == 1  # rank 0 alone prints
+    assert "val loss n/a (not evaluated)" in one.stdout  # --val-every 0: no made-up number
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
     assert len(a) == len(b) == 4
