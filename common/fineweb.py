@@ -193,6 +193,8 @@ def text_batches(ds, column, skip, batch_size=256):
         except StopIteration:
             return
         except Exception as e:  # a damaged file, a dropped connection: the shards so far stay
+            if isinstance(e, KeyError) and e.args == (column,):  # older datasets find it here
+                raise UserError(f"no '{column}' column in the dataset; set --text-column") from None
             reason = " ".join(str(e).split())[:200]
             raise UserError(
                 f"reading the dataset failed after document {read:,} ({type(e).__name__}: "
