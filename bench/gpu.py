@@ -13,11 +13,17 @@ Parts (--parts, comma separated; all by default):
              finite and falling where the stage trains; 07 also under torchrun (NCCL on a
              GPU) with checkpoints, then --resume to more steps
 
-Data: --data-dir holds token shards (e.g. made from tiny shakespeare on a machine with
-`datasets`: see README), --text a text file for stages 02-06. Weights for 01/08: a random
-GPT-2-size GPT2LMHeadModel saved locally (no hub), so parity is checked, not quality.
+Data: --data-dir holds token shards, --text a text file for stages 02-06; both are made on a
+machine with `datasets` by bench/gpu_data.py (47 MiB, under the device tool's 64 MiB carry).
+Weights for 01/08: a random GPT-2-size GPT2LMHeadModel saved here (no hub), so parity is
+checked, not quality. The JSON file is rewritten after every part and every stage, so a run
+cut off by a time limit still leaves what it measured.
 
-    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt --json $OUT/gpu.json
+    python bench/gpu_data.py --out bench_data                  # here, once; carry bench_data
+    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
+        --parts train,hf,hellaswag,generate --json $OUT/gpu_a.json   # GPU, first call
+    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
+        --parts stages --json $OUT/gpu_b.json                          # GPU, second call
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
@@ -38,10 +44,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import bench  # noqa: E402
+from common import UserError, bench  # noqa: E402
 from common.cli import parse_args  # noqa: E402
 from common.model import GPT, preset_config  # noqa: E402
 from common.train import pick_device  # noqa: E402
+
+
+PARTS = ("train", "hf", "hellaswag", "generate", "stages")
 
 
 @dataclass
@@ -55,7 +64,7 @@ class Config:
     data_dir: str = ""  # token shards for stage 07 (train and val)
     text: str = ""  # a text file for stages 02-06 (tiny shakespeare)
     hellaswag_data: str = "tests/data/hellaswag_fixture.jsonl"  # examples for stage 08
-    parts: str = "train,hf,hellaswag,generate,stages"  # what to measure
+    parts: str = ",".join(PARTS)  # what to measure, comma separated
     json: str = ""  # write every result to this file
 
 
@@ -125,7 +134,7 @@ def run_stage(label, args, timeout=600):
                 error=err[-1] if r.returncode and err else "")  # fmt: skip
 
 
-def measure_stages(cfg, device, tmp):
+def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     p = preset_config(cfg.preset)
@@ -168,6 +177,7 @@ def measure_stages(cfg, device, tmp):
     rows = []
     for label, args in runs:
         rows.append(run_stage(label, args))
+        on_row(rows)
         r = rows[-1]
         print(f"{r['stage']:<22} rc {r['rc']}  {r['seconds']:6.1f}s  falling {r['falling']}  "
               f"{r['summary'][:110] or r['error']}")  # fmt: skip
@@ -175,31 +185,42 @@ def measure_stages(cfg, device, tmp):
 
 
 def main(cfg):
-    device = pick_device(cfg.device)
     parts = set(cfg.parts.split(","))
+    if unknown := parts - set(PARTS):
+        raise UserError(
+            f"unknown --parts {','.join(sorted(unknown))}; choose from {','.join(PARTS)}"
+        )
+    device = pick_device(cfg.device)
     result = dict(config=asdict(cfg), hardware=bench.hardware_name(device),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
     print(f"{result['hardware']}, torch {torch.__version__}, {result['date']}")
+
+    def save(part=None, value=None):  # after every part: a run cut short keeps what it measured
+        if part:
+            result[part] = value
+        if cfg.json:
+            Path(cfg.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in parts:
-            result["train"] = measure_train(cfg, device, tmp)
+            save("train", measure_train(cfg, device, tmp))
         if "hf" in parts:
-            result["hf"] = measure_hf(cfg, device)
+            save("hf", measure_hf(cfg, device))
         if "hellaswag" in parts:
             hs = load("bench/hellaswag_speed.py")
             bs = "1,32" if device != "cpu" else "1,8"
             c = replace(hs.Config(), device=device, preset=cfg.preset, batch_sizes=bs)
-            result["hellaswag"] = hs.main(c)
+            save("hellaswag", hs.main(c))
         if "generate" in parts:
             gen = load("bench/generate_speed.py")
             c = replace(gen.Config(), device=device, preset=cfg.preset, repeats=3)
             if device.startswith("cuda"):
                 c = replace(c, dtype="bfloat16")
-            result["generate"] = gen.main(c)
+            save("generate", gen.main(c))
         if "stages" in parts:
-            result["stages"] = measure_stages(cfg, device, tmp)
+            measure_stages(cfg, device, tmp, on_row=lambda rows: save("stages", rows))
+    save()
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {cfg.json}")
     return result
 
