@@ -41,9 +41,9 @@ def seed_all(seed):
 
 def step_line(step, loss, lr=None, norm=None, dt=None, tokens_per_s=None, total=None, eta=None):
     """The one step-line format of every stage (fields appear from the stage that adds them):
-    step    12 | loss 6.1234 | lr 6.00e-04 | norm 1.234 | dt 812.3ms | tok/s 20,171
+    step    12 | loss 7.6641 | lr 1.67e-03 | norm 1.781 | dt 739.1ms | tok/s 1,385
     With `total` (stage 07) the step shows progress and the line ends with the time left:
-    step  1200/19073 (6.3%) | loss 3.4567 | ... | tok/s 520,000 | eta 4h12m"""
+    step    12/40 (32.5%) | loss 8.0131 | ... | tok/s 1,407 | eta 21s"""
     head = f"step {step:5d}" + (f"/{total} ({100 * (step + 1) / total:.1f}%)" if total else "")
     parts = [head, f"loss {loss:.4f}"]
     if lr is not None:
