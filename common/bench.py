@@ -6,17 +6,15 @@ configuration, and print the hardware and torch version next to the numbers.
 """
 
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 from common import UserError
 from common.model import GPT, GPT2_VOCAB, preset_config
-from common.train import synchronize
+from common.train import CPU_BF16_FLAGS, cpu_has_bf16, cpu_info, synchronize
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (FLOP/s), matched by GPU name.
 # MFU is only reported against the peak of the GPU actually present, or a measured one.
@@ -38,17 +36,8 @@ def cpu_model():
     """The CPU's name and what it has for bf16 math: bf16 speedups on a CPU hinge on it
     (AMX tiles, AVX-512 BF16 instructions, or neither), so a CPU table without it cannot be
     compared with another machine's."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:  # not Linux: the platform's name is all there is
-        pass
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["none"]
+    name, flags = cpu_info()
+    bf16 = [f for f in CPU_BF16_FLAGS if f in flags] or ["none"]
     isa = torch.backends.cpu.get_cpu_capability()
     return f"{name} ({isa}, bf16 ISA: {'+'.join(bf16)})"
 
@@ -119,6 +108,8 @@ def unavailable(row, device):
         return "TF32 is a CUDA tensor-core mode; CPU fp32 matmuls do not change"
     if row == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16 (needs Ampere / sm_80 or newer): see the fp16 row"
+    if row == "bf16" and str(device) == "cpu" and cpu_has_bf16() is False:
+        return "this CPU has no bf16 instructions (AVX512_BF16, AMX): autocast would emulate it"
     if row == "compile" and device == "mps":
         return "torch.compile does not support MPS well yet"
     return None
@@ -200,10 +191,11 @@ def speedup_table(cfg, device):
     g = torch.Generator().manual_seed(cfg.seed)
     xy = torch.randint(0, 50000, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
     x, y = xy[:, :-1], xy[:, 1:]
-    measured = measure_peak(device)  # a few large bf16 matmuls: what this device reaches
+    half = not unavailable("bf16", device)  # bf16 matmuls, unless this CPU would emulate them
+    measured = measure_peak(device, dtype=torch.bfloat16 if half else torch.float32)
     peak_name, peak = known_peak(device)  # the datasheet's, for a GPU we know
     if peak is None:
-        peak_name, peak = "measured bf16 matmul", measured
+        peak_name, peak = f"measured {'bf16' if half else 'fp32'} matmul", measured
     rows, runs = [], []
     for name in names:
         if reason := unavailable(name, device):

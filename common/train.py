@@ -4,6 +4,7 @@ the LR schedule and optimizer of stage 06, metrics.jsonl."""
 import json
 import math
 import os
+import platform
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,12 +312,44 @@ def format_eta(seconds):
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def cpu_info():
+    """(model name, set of flags) from /proc/cpuinfo: x86 'flags', Arm 'Features'; the
+    platform's name and no flags where there is no such file (macOS, Windows)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # Intel AMX, AVX-512 BF16, Arm BF16
+
+
+def cpu_has_bf16(flags=None):
+    """False where the CPU's flags are known and none does bf16 math: there autocast emulates
+    bf16 (measured 65x slower than fp32 on an AVX2-only EPYC, BENCHMARKS.md). None: unknown."""
+    flags = cpu_info()[1] if flags is None else flags
+    if not flags:
+        return None
+    return any(f in flags for f in CPU_BF16_FLAGS)
+
+
 def amp_dtype(name, device):
     """--dtype -> the autocast dtype. A GPU without bf16 (T4, V100) gets float16, said once:
-    it needs a GradScaler, which the stages switch on for float16."""
+    it needs a GradScaler, which the stages switch on for float16. A CPU without bf16
+    instructions gets float32 (autocast off), said once: emulated bf16 crawls."""
     if name not in AMP_DTYPES:
         raise UserError(f"unknown --dtype '{name}': use bfloat16, float16 or float32")
     if name == "bfloat16" and str(device).startswith("cuda") and not torch.cuda.is_bf16_supported():
         print("this GPU has no bf16 (needs sm_80+): using float16 with a GradScaler")
         return torch.float16
+    if name == "bfloat16" and str(device) == "cpu" and cpu_has_bf16() is False:
+        print("this CPU has no bf16 instructions (AVX512_BF16, AMX): using float32, autocast off")
+        return torch.float32
     return AMP_DTYPES[name]

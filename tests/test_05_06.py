@@ -34,13 +34,16 @@ def test_05_benchmark_has_every_row(s05, shakespeare, tmp_path):
     rows = {r["name"]: r for r in out["benchmark"]["rows"]}
     assert list(rows) == ["fp32", "tf32", "bf16", "flash", "vocab", "compile"]
     assert rows["tf32"]["status"] == "n/a" and "CUDA" in rows["tf32"]["reason"]
-    for name in ("fp32", "bf16", "flash", "vocab", "compile"):
+    bf16 = bench.cpu_has_bf16() is not False  # a CPU without bf16 math: the row says why not
+    assert rows["bf16"]["status"] == ("ok" if bf16 else "n/a")
+    for name in ("fp32", "bf16", "flash", "vocab", "compile") if bf16 else ("fp32", "flash"):
         r = rows[name]
         assert r["status"] == "ok" and r["ms"] > 0 and r["tokens_per_s"] > 0
-        assert 0 < r["mfu"] < 1  # against the bf16 matmul peak measured in the same run
+        assert 0 < r["mfu"] < 1  # against the matmul peak measured in the same run
     assert rows["fp32"]["vs_base"] == 1.0 and rows["fp32"]["vs_prev"] is None
-    assert rows["bf16"]["vs_prev"] == pytest.approx(
-        rows["bf16"]["tokens_per_s"] / rows["fp32"]["tokens_per_s"]
+    prev = "bf16" if bf16 else "flash"
+    assert rows[prev]["vs_prev"] == pytest.approx(
+        rows[prev]["tokens_per_s"] / rows["fp32"]["tokens_per_s"]
     )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert [r["name"] for r in saved["rows"]] == list(rows)
@@ -56,6 +59,8 @@ def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
     cfg = tiny(s05, batch_size=2, seq_len=16, timed=3, benchmark="all")
     bench.speedup_table(replace(cfg, device="cpu"), "cpu")
     names = ["fp32", "bf16", "flash", "vocab", "compile"]
+    if bench.cpu_has_bf16() is False:  # no bf16 math on this CPU: the row is n/a, never timed
+        names.remove("bf16")
     assert order == [(n, False) for n in names] + [(n, True) for n in names] * bench.ROUNDS
 
 
@@ -203,3 +208,22 @@ def test_06_float16_with_grad_scaler_trains(s06, shakespeare):
     assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 0.5
     assert all(math.isfinite(n) for n in out["norms"])  # unscaled: true norms, not x 65536
     assert max(out["norms"]) < 100
+
+
+@pytest.mark.parametrize("flags, has", [({"avx2", "fma"}, False), ({"avx512_bf16"}, True),
+                                        ({"amx_bf16"}, True), ({"fp", "asimd", "bf16"}, True),
+                                        (set(), None)])  # fmt: skip
+def test_a_cpu_without_bf16_math_trains_in_float32(monkeypatch, capsys, flags, has):
+    """Autocast on a CPU without bf16 instructions emulates bf16 (65x slower than fp32 on an
+    AVX2 EPYC): --dtype bfloat16 falls back to float32 with one line, 05's bf16 row says why.
+    Unknown flags (no /proc/cpuinfo) change nothing."""
+    import common.train
+
+    monkeypatch.setattr(common.train, "cpu_info", lambda: ("some CPU", flags))
+    assert bench.cpu_has_bf16() is has
+    want = torch.float32 if has is False else torch.bfloat16
+    assert common.train.amp_dtype("bfloat16", "cpu") is want
+    said = capsys.readouterr().out
+    assert ("no bf16 instructions" in said) is (has is False)
+    assert (bench.unavailable("bf16", "cpu") is None) is (has is not False)
+    assert common.train.amp_dtype("float32", "cpu") is torch.float32
