@@ -53,7 +53,7 @@ PUBLISHED = {
         ("GPT-2 1558M (OpenAI gpt2-xl)", 0.3842, 0.4893, "build-nanogpt / llm.c hellaswag.py"),
         ("GPT-3 125M", None, 0.337, "zero-shot, per-token normalized, Brown et al. 2020"),
     ),
-    "lm-eval": (
+    "lm-eval": (  # EleutherAI's figures, as llm.c's hellaswag.py quotes them
         ("GPT-2 124M (OpenAI weights)", 0.2892, 0.3114, "lm-evaluation-harness"),
         ("GPT-2 1558M (OpenAI gpt2-xl)", 0.4004, 0.5089, "lm-evaluation-harness"),
     ),
@@ -82,7 +82,7 @@ def acc_norms(scores):
 
 
 def key(protocol, metric):
-    """The label of a protocol's number in --json and metrics.jsonl: nanogpt_acc, lm_eval_acc_norm."""
+    """A protocol's number as --json and metrics.jsonl label it: nanogpt_acc, lm_eval_acc_norm."""
     return f"{protocol.replace('-', '_')}_{metric}"
 
 

@@ -7,7 +7,8 @@ Reads `{run}/metrics.jsonl` (or the file itself), one JSON object per line, as s
 every line has `step` and `split` ("train", "val" or "hellaswag"); train lines carry `loss`
 and `tokens` (processed so far), val lines `loss` and `tokens`, hellaswag lines `n` and each
 protocol's `nanogpt_acc`, `nanogpt_acc_norm`, `lm_eval_acc`, `lm_eval_acc_norm` (older runs:
-`acc`, `acc_norm`, the nanogpt protocol). Other keys are ignored; a run without val or HellaSwag lines still plots.
+`acc`, `acc_norm`, the nanogpt protocol). Other keys are ignored; a run without val or
+HellaSwag lines still plots.
 The run's header line (`"split": "run"`, no step) is passed over; a line that is cut off, not
 UTF-8, not a JSON object, or whose values are not numbers is skipped and counted in one note.
 
@@ -156,7 +157,8 @@ def plot(runs, png):
                 xs2, ys2, ".:", color=colour, alpha=0.6, label=f"ours, {protocol} protocol, acc"
             )
         ax.axhline(published, color=colour, ls="--",  # measured the same way: the same colour
-                   label=f"OpenAI GPT-2 124M, {protocol} protocol acc_norm, published ({published})")  # fmt: skip
+                   label=f"OpenAI GPT-2 124M, {protocol} protocol acc_norm, published "
+                         f"({published})")  # fmt: skip
     if not lines:
         ax.text(0.5, 0.5, "no HellaSwag evaluations in this run", ha="center",
                 transform=ax.transAxes)  # fmt: skip

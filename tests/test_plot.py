@@ -25,8 +25,9 @@ def write_metrics(path, steps=300, val_every=25, hellaswag_every=50, extra_lines
             lines.append(dict(step=s, split="val", loss=loss + 0.04, tokens=tokens))
         if hellaswag_every and (s % hellaswag_every == 0 or s == steps - 1):
             acc = 0.25 + 0.05 * s / steps
-            lines.append(dict(step=s, split="hellaswag", nanogpt_acc=acc, nanogpt_acc_norm=acc + 0.01,
-                              lm_eval_acc=acc + 0.005, lm_eval_acc_norm=acc + 0.02, n=10042))  # fmt: skip
+            lines.append(dict(step=s, split="hellaswag", nanogpt_acc=acc,
+                              nanogpt_acc_norm=acc + 0.01, lm_eval_acc=acc + 0.005,
+                              lm_eval_acc_norm=acc + 0.02, n=10042))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(d) + "\n" for d in lines) + "".join(extra_lines)
     path.write_text(text)
