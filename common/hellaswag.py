@@ -24,7 +24,8 @@ that are scored, so the batch size changes the speed and nothing else.
 
 Sequences longer than the model's block_size are cropped from the left: the oldest context
 tokens go, the ending is always scored whole (an ending longer than that is an error).
-HellaSwag's rows are far shorter than GPT-2's 1024 tokens, so this never happens there.
+lm-eval crops alike but keeps one more context token (it never feeds the last token in);
+HellaSwag's rows are far shorter than GPT-2's 1024 tokens, so neither crops there.
 """
 
 import json
@@ -314,7 +315,8 @@ def evaluate(
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if any(ex["label"] is None for ex in examples):
         raise UserError("these HellaSwag examples have no labels (the test split): use val")
-    protocols(protocol)  # a known name
+    if protocol not in PROTOCOLS:  # one at a time: evaluate_protocols does "both"
+        raise UserError(f"unknown HellaSwag protocol '{protocol}': use {', '.join(PROTOCOLS)}")
     lm_eval = protocol == "lm-eval"
     fields = ("activity_label", "ctx_a", "ctx_b")
     if lm_eval and not all(isinstance(ex.get(f), str) for ex in examples for f in fields):

@@ -321,6 +321,8 @@ def test_lm_eval_text_cleaning():
     assert texts(ARTIFACTS[2], "nanogpt") == (ARTIFACTS[2]["ctx"], ARTIFACTS[2]["endings"])
     with pytest.raises(UserError, match="unknown HellaSwag protocol 'helm'"):
         texts(ARTIFACTS[0], "helm")
+    with pytest.raises(UserError, match="unknown HellaSwag protocol 'both'"):
+        evaluate(lambda idx: idx, ARTIFACTS, "cpu", protocol="both")  # one at a time
 
 
 def test_lm_eval_protocol_by_hand(hf_model, examples):
