@@ -52,6 +52,7 @@ class Config:
     hellaswag_every: int = 250  # steps between HellaSwag evaluations, all ranks share (0: never)
     hellaswag_limit: int = 0  # score only the first N val examples (0: all 10,042)
     hellaswag_data: str = ""  # a local HellaSwag jsonl instead of the downloaded val split
+    hellaswag_protocol: str = "both"  # nanogpt, lm-eval or both (see 08_hellaswag.py)
     ckpt_every: int = 5000  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted (0: keep all)
     resume: str = ""  # "latest" (newest in --out; also --resume alone) or a checkpoint path
@@ -61,6 +62,7 @@ class Config:
     cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=40, max_lr=2e-3,
                                warmup_steps=5, total_batch=1024, compile=False, val_every=10,
                                val_steps=4, sample_every=20, ckpt_every=20, hellaswag_every=0)  # fmt: skip
+    rules: ClassVar[dict] = dict(hellaswag_protocol=hellaswag.CHOICES)
 
 
 def setup_ddp(device):
@@ -142,13 +144,11 @@ def main(cfg):
             run.log(step=step, split="val", loss=val_losses[step], tokens=tokens)
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
             with autocast:  # each rank scores its share of the examples; the counts are summed
-                scores = hellaswag.evaluate(
-                    raw_model, examples, device, B, ddp.rank, ddp.world_size
+                scores = hellaswag.evaluate_protocols(
+                    raw_model, examples, device, cfg.hellaswag_protocol, B, ddp.rank, ddp.world_size
                 )
-            print0(
-                f"step {step:5d} | hellaswag acc_norm {scores['acc_norm']:.4f} ({scores['n']} examples)"
-            )
-            run.log(step=step, split="hellaswag", tokens=tokens, **scores)
+            print0(f"step {step:5d} | hellaswag {hellaswag.acc_norms(scores)}")
+            run.log(step=step, split="hellaswag", tokens=tokens, **hellaswag.labelled(scores))
         if cfg.sample_every and ddp.master and step > 0 and (step % cfg.sample_every == 0 or last):
             prompt = torch.tensor([enc.encode("Hello, I'm a language model,")] * 4, device=device)
             gen = torch.Generator(device=device).manual_seed(cfg.seed + step)

@@ -2,10 +2,21 @@
 
 Each HellaSwag example is a context ("A man is sitting on a roof. he") and four endings, one
 of them right. A base language model cannot read four options and answer "B", so each ending
-is scored as a completion: the cross-entropy of its tokens after the context. The model's
+is scored as a completion: the log-likelihood of its tokens after the context. The model's
 choice is the ending it finds most likely:
-    acc       lowest summed loss: favours short endings (fewer tokens, fewer losses to add)
-    acc_norm  lowest average loss per ending token: the number build-nanogpt and llm.c report
+    acc       highest summed log-likelihood (lowest summed loss): favours short endings
+    acc_norm  the same, normalized for length
+
+Two protocols, two published figures for the same GPT-2 124M; compare like with like:
+    nanogpt  build-nanogpt / llm.c: the raw `ctx`, " " + ending; acc_norm normalizes by the
+             ending's number of *tokens* (mean loss per token). GPT-2 124M: acc 0.2859,
+             acc_norm 0.2955.
+    lm-eval  EleutherAI's lm-evaluation-harness (the leaderboards' tool): the context is
+             `activity_label + ": " + ctx_a + " " + ctx_b.capitalize()`, and it and every
+             ending are cleaned of WikiHow's artifacts (`preprocess`); acc_norm divides the
+             log-likelihood by the cleaned ending's length in *characters* (the leading space
+             not counted). GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+`tests/test_hellaswag.py` checks our lm-eval protocol against lm_eval itself when installed.
 
 Batched: many examples per forward pass (4 rows each, right-padded to the longest row in the
 batch). Causal attention means the padding at the end of a row never reaches the positions
@@ -13,9 +24,12 @@ that are scored, so the batch size changes the speed and nothing else.
 
 Sequences longer than the model's block_size are cropped from the left: the oldest context
 tokens go, the ending is always scored whole (an ending longer than that is an error).
+lm-eval crops alike but keeps one more context token (it never feeds the last token in);
+HellaSwag's rows are far shorter than GPT-2's 1024 tokens, so neither crops there.
 """
 
 import json
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,12 +43,64 @@ from common.data import EOT, cache_dir, download, get_tokenizer
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")  # val: 10,042 examples; test has no labels
 
-# acc_norm with this scoring (completion style, mean loss over the ending's tokens)
-REFERENCE = (
-    ("GPT-2 124M (OpenAI weights)", 0.2955, "measured by build-nanogpt's hellaswag.py"),
-    ("GPT-2 1558M (OpenAI gpt2-xl)", 0.4893, "measured by build-nanogpt's hellaswag.py"),
-    ("GPT-3 125M", 0.337, "published zero-shot, Brown et al. 2020"),
-)
+PROTOCOLS = ("nanogpt", "lm-eval")
+CHOICES = (*PROTOCOLS, "both")  # what --protocol takes
+
+# Published figures on all 10,042 val examples, by protocol: (model, acc, acc_norm, source).
+# Measured elsewhere, not here; None where the source gives no acc.
+PUBLISHED = {
+    "nanogpt": (
+        ("GPT-2 124M (OpenAI weights)", 0.2859, 0.2955, "build-nanogpt / llm.c hellaswag.py"),
+        ("GPT-2 1558M (OpenAI gpt2-xl)", 0.3842, 0.4893, "build-nanogpt / llm.c hellaswag.py"),
+        ("GPT-3 125M", None, 0.337, "zero-shot, per-token normalized, Brown et al. 2020"),
+    ),
+    "lm-eval": (  # EleutherAI's figures, as llm.c's hellaswag.py quotes them
+        ("GPT-2 124M (OpenAI weights)", 0.2892, 0.3114, "lm-evaluation-harness"),
+        ("GPT-2 1558M (OpenAI gpt2-xl)", 0.4004, 0.5089, "lm-evaluation-harness"),
+    ),
+}
+
+
+def protocols(name):
+    """--protocol -> the protocols to score: ("nanogpt",), ("lm-eval",) or both."""
+    if name not in CHOICES:
+        raise UserError(f"unknown HellaSwag protocol '{name}': use {', '.join(CHOICES)}")
+    return PROTOCOLS if name == "both" else (name,)
+
+
+def evaluate_protocols(model, examples, device, protocol="both", *args, **kwargs):
+    """`evaluate` once per protocol that --protocol names: {protocol: its result}."""
+    return {
+        p: evaluate(model, examples, device, *args, protocol=p, **kwargs)
+        for p in protocols(protocol)
+    }
+
+
+def acc_norms(scores):
+    """{protocol: result} -> "acc_norm 0.2950 nanogpt, 0.3110 lm-eval (10,042 examples)"."""
+    got = ", ".join(f"{s['acc_norm']:.4f} {p}" for p, s in scores.items())
+    return f"acc_norm {got} ({next(iter(scores.values()))['n']:,} examples)"
+
+
+def key(protocol, metric):
+    """A protocol's number as --json and metrics.jsonl label it: nanogpt_acc, lm_eval_acc_norm."""
+    return f"{protocol.replace('-', '_')}_{metric}"
+
+
+def labelled(scores):
+    """{protocol: evaluate(...)} -> one flat dict, every number labelled by its protocol
+    (nanogpt_acc, nanogpt_acc_norm, lm_eval_acc, ...), n, seconds and examples_per_s (all
+    protocols together), and `published`: GPT-2 124M's published figures, labelled alike."""
+    seconds = sum(s["seconds"] for s in scores.values())
+    n = next(iter(scores.values()))["n"]
+    out = dict(n=n, seconds=seconds, examples_per_s=n * len(scores) / seconds)  # all protocols
+    published = {}
+    for protocol, s in scores.items():
+        for metric in ("acc", "acc_norm", "correct", "correct_norm"):
+            out[key(protocol, metric)] = s[metric]
+        _, acc, acc_norm, _ = PUBLISHED[protocol][0]
+        published.update({key(protocol, "acc"): acc, key(protocol, "acc_norm"): acc_norm})
+    return dict(out, published=dict(published, model="GPT-2 124M (OpenAI weights)"))
 
 
 def download_split(split="val", base_url=BASE_URL, cache=None):
@@ -90,14 +156,40 @@ def load_examples(split="val", path=None, limit=0, base_url=BASE_URL):
     return read_examples(path or download_split(split, base_url), limit)
 
 
-def render_example(example, enc):
+def preprocess(text):
+    """lm-eval's cleaning of HellaSwag text (its WikiHow half is full of markup): trim, turn
+    " [title]" into ". ", drop every other [bracketed] piece, then one pass of "  " -> " "."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)  # shortest match: "[step] a [b]" loses both brackets
+    return text.replace("  ", " ")  # one pass: three spaces become two, as lm-eval leaves them
+
+
+def texts(example, protocol="nanogpt"):
+    """(context, endings) as the protocol scores them; each ending follows the context after
+    one space."""
+    if protocol == "nanogpt":
+        return example["ctx"], example["endings"]
+    if protocol != "lm-eval":
+        raise UserError(f"unknown HellaSwag protocol '{protocol}': use {', '.join(PROTOCOLS)}")
+    ctx = example["ctx_a"] + " " + example["ctx_b"].capitalize()  # capitalize: rest lowercased
+    return preprocess(example["activity_label"] + ": " + ctx), [
+        preprocess(e) for e in example["endings"]
+    ]
+
+
+def render_example(example, enc, protocol="nanogpt"):
     """One example -> tokens (4, T) int64, mask (4, T) bool, label.
 
     Row i is the context's tokens followed by ending i's tokens, right-padded to the longest
     row; mask is True exactly on ending i's tokens, the only positions that are scored."""
-    ctx = enc.encode_ordinary(example["ctx"]) or [EOT]  # an empty context: a document start
+    context, endings = texts(example, protocol)
+    space = ""  # lm-eval moves a context's trailing spaces (a final " [title]" leaves one) to
+    if protocol == "lm-eval":  # the front of each continuation, so the ending's tokens own them
+        space = context[len(context.rstrip()) :]
+        context = context.rstrip()
+    ctx = enc.encode_ordinary(context) or [EOT]  # an empty context: a document start
     # " " + ending: GPT-2's BPE glues a word's leading space to the word (" pair", not "pair")
-    ends = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    ends = [enc.encode_ordinary(space + " " + ending) for ending in endings]
     T = len(ctx) + max(len(e) for e in ends)
     tokens = torch.full((4, T), EOT, dtype=torch.long)
     mask = torch.zeros((4, T), dtype=torch.bool)
@@ -208,18 +300,30 @@ def evaluate(
     autocast_dtype=None,
     block_size=None,
     details=False,
+    protocol="nanogpt",
 ):
-    """Score HellaSwag examples; the counts are summed over all ranks.
+    """Score HellaSwag examples by one protocol ("nanogpt" or "lm-eval", see the top of this
+    file); the counts are summed over all ranks.
 
     model: our GPT, a transformers GPT2LMHeadModel, or any callable idx (B, T) -> logits.
     A module is put in eval mode for the call only. Rank r scores examples r, r + world_size,
     ... so every rank must call this. Returns acc, acc_norm, n, correct, correct_norm, seconds,
     examples_per_s; with details=True also this rank's share example by example: indices, labels,
-    loss_sum and loss_avg (n_local, 4), pred, pred_norm."""
+    loss_sum and loss_avg (n_local, 4): the loss acc_norm ranks, per token (nanogpt) or per
+    character of the ending (lm-eval), pred, pred_norm."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if any(ex["label"] is None for ex in examples):
         raise UserError("these HellaSwag examples have no labels (the test split): use val")
+    if protocol not in PROTOCOLS:  # one at a time: evaluate_protocols does "both"
+        raise UserError(f"unknown HellaSwag protocol '{protocol}': use {', '.join(PROTOCOLS)}")
+    lm_eval = protocol == "lm-eval"
+    fields = ("activity_label", "ctx_a", "ctx_b")
+    if lm_eval and not all(isinstance(ex.get(f), str) for ex in examples for f in fields):
+        raise UserError(
+            "the lm-eval protocol needs each example's activity_label, ctx_a and ctx_b (as in "
+            "HellaSwag's own files): use --protocol nanogpt for files of ctx and endings only"
+        )
     enc = get_tokenizer()
     block_size = block_size or model_block_size(model)
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"  # autocast wants no index
@@ -232,7 +336,7 @@ def evaluate(
     t0 = time.perf_counter()
 
     mine = range(rank, len(examples), world_size)  # this rank's share
-    rendered = {i: render_example(examples[i], enc) for i in mine}
+    rendered = {i: render_example(examples[i], enc, protocol) for i in mine}
     # longest first: similar lengths share a batch (little padding); a too-big batch fails at once
     order = sorted(mine, key=lambda i: -rendered[i][0].size(1))
     loss_sum, loss_avg = {}, {}
@@ -246,6 +350,9 @@ def evaluate(
             sums, avgs = sums.view(-1, 4).cpu(), avgs.view(-1, 4).cpu()  # (B, 4): one row each
             for k, i in enumerate(batch):
                 loss_sum[i], loss_avg[i] = sums[k], avgs[k]
+                if lm_eval:  # acc_norm: the summed loss per character of the cleaned ending
+                    chars = [len(e) for e in texts(examples[i], protocol)[1]]
+                    loss_avg[i] = sums[k].double() / torch.tensor(chars, dtype=torch.float64)
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
@@ -253,7 +360,7 @@ def evaluate(
     idx = sorted(loss_sum)
     labels = torch.tensor([rendered[i][2] for i in idx], dtype=torch.long)
     sums = torch.stack([loss_sum[i] for i in idx]) if idx else torch.zeros(0, 4)  # (n_local, 4)
-    avgs = torch.stack([loss_avg[i] for i in idx]) if idx else torch.zeros(0, 4)
+    avgs = torch.stack([loss_avg[i] for i in idx]) if idx else torch.zeros(0, 4)  # (n_local, 4)
     pred, pred_norm = sums.argmin(dim=1), avgs.argmin(dim=1)
     correct, correct_norm, n = all_reduce(
         [(pred == labels).sum().item(), (pred_norm == labels).sum().item(), len(idx)], device

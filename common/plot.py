@@ -5,14 +5,18 @@
 
 Reads `{run}/metrics.jsonl` (or the file itself), one JSON object per line, as stage 07 writes:
 every line has `step` and `split` ("train", "val" or "hellaswag"); train lines carry `loss`
-and `tokens` (processed so far), val lines `loss` and `tokens`, hellaswag lines `acc`,
-`acc_norm` and `n`. Other keys are ignored; a run without val or HellaSwag lines still plots.
+and `tokens` (processed so far), val lines `loss` and `tokens`, hellaswag lines `n` and each
+protocol's `nanogpt_acc`, `nanogpt_acc_norm`, `lm_eval_acc`, `lm_eval_acc_norm` (older runs:
+`acc`, `acc_norm`, the nanogpt protocol). Other keys are ignored; a run without val or
+HellaSwag lines still plots.
 The run's header line (`"split": "run"`, no step) is passed over; a line that is cut off, not
 UTF-8, not a JSON object, or whose values are not numbers is skipped and counted in one note.
 
 The dashed lines are published figures, not measured here: OpenAI's GPT-2 124M reaches a val
-loss of 3.2924 on FineWeb-Edu's val shard (as build-nanogpt measured it) and HellaSwag
-acc_norm 0.2955; GPT-3 125M reaches 0.337 (its paper).
+loss of 3.2924 on FineWeb-Edu's val shard (as build-nanogpt measured it). Its HellaSwag
+acc_norm is 0.2955 by the nanogpt protocol (build-nanogpt, llm.c) and 0.3114 by lm-eval's
+(lm-evaluation-harness): each protocol's line and its baseline share a colour. GPT-3 125M
+reaches 0.337 (its paper; per-token normalized, like the nanogpt protocol).
 """
 
 import json
@@ -25,8 +29,11 @@ from common import UserError
 from common.cli import parse_args
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on FineWeb-Edu val (build-nanogpt's measurement)
-GPT2_HELLASWAG = 0.2955  # OpenAI GPT-2 124M, acc_norm
+# OpenAI GPT-2 124M's published acc_norm by protocol (common.hellaswag.PUBLISHED, which a test
+# checks; not imported, so that plotting needs no torch)
+GPT2_HELLASWAG = {"nanogpt": 0.2955, "lm-eval": 0.3114}
 GPT3_HELLASWAG = 0.337  # GPT-3 125M, acc_norm (Brown et al. 2020)
+COLOURS = {"nanogpt": "tab:green", "lm-eval": "tab:blue"}  # a protocol's line and its baseline
 
 
 @dataclass
@@ -35,7 +42,8 @@ class Config:
     png: str = ""  # where to write the figure; empty: metrics.png beside metrics.jsonl
 
 
-PLOTTED = ("loss", "tokens", "acc", "acc_norm")  # the values a line is drawn from
+PLOTTED = ("loss", "tokens", "acc", "acc_norm", "nanogpt_acc", "nanogpt_acc_norm",
+           "lm_eval_acc", "lm_eval_acc_norm")  # the values a line is drawn from  # fmt: skip
 
 
 def number(v):
@@ -91,6 +99,23 @@ def series(recs, x, y):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def hellaswag_lines(recs):
+    """What the HellaSwag panel draws, one entry per protocol the run logged: (protocol, colour,
+    acc_norm (steps, values), acc (steps, values), the published acc_norm drawn in the same
+    colour). Older runs logged the nanogpt protocol's numbers as plain `acc`/`acc_norm`."""
+    lines = []
+    for protocol, colour in COLOURS.items():
+        got = []
+        for metric in ("acc_norm", "acc"):
+            name = f"{protocol.replace('-', '_')}_{metric}"
+            old = metric if protocol == "nanogpt" else None  # older runs' plain acc, acc_norm
+            pts = [(r["step"], r.get(name, r.get(old))) for r in recs]
+            got.append(([x for x, y in pts if y is not None], [y for x, y in pts if y is not None]))
+        if got[0][0] or got[1][0]:
+            lines.append((protocol, colour, got[0], got[1], GPT2_HELLASWAG[protocol]))
+    return lines
+
+
 def plot(runs, png):
     """Three panels: loss vs step, loss vs tokens, HellaSwag vs step; written to `png`."""
     import matplotlib
@@ -122,19 +147,23 @@ def plot(runs, png):
             ax.set_ylim(min(min(all_losses), GPT2_VAL_LOSS) - 0.1, top)
 
     ax = axes[2]
-    xs, ys = series(runs["hellaswag"], "step", "acc_norm")
-    if xs:
-        ax.plot(xs, ys, "o-", color="tab:green", ms=3, label=f"ours, acc_norm (last {ys[-1]:.4f})")
-    xs2, ys2 = series(runs["hellaswag"], "step", "acc")
-    if xs2:
-        ax.plot(xs2, ys2, ".:", color="tab:olive", label="ours, acc")
-    if not (xs or xs2):
+    lines = hellaswag_lines(runs["hellaswag"])
+    for protocol, colour, (xs, ys), (xs2, ys2), published in lines:
+        if xs:
+            ax.plot(xs, ys, "o-", color=colour, ms=3,
+                    label=f"ours, {protocol} protocol, acc_norm (last {ys[-1]:.4f})")  # fmt: skip
+        if xs2:
+            ax.plot(
+                xs2, ys2, ".:", color=colour, alpha=0.6, label=f"ours, {protocol} protocol, acc"
+            )
+        ax.axhline(published, color=colour, ls="--",  # measured the same way: the same colour
+                   label=f"OpenAI GPT-2 124M, {protocol} protocol acc_norm, published "
+                         f"({published})")  # fmt: skip
+    if not lines:
         ax.text(0.5, 0.5, "no HellaSwag evaluations in this run", ha="center",
                 transform=ax.transAxes)  # fmt: skip
-    ax.axhline(GPT2_HELLASWAG, color="tab:red", ls="--",
-               label=f"OpenAI GPT-2 124M, published ({GPT2_HELLASWAG})")  # fmt: skip
     ax.axhline(GPT3_HELLASWAG, color="tab:purple", ls="--",
-               label=f"GPT-3 125M, published ({GPT3_HELLASWAG})")  # fmt: skip
+               label=f"GPT-3 125M acc_norm, published ({GPT3_HELLASWAG})")  # fmt: skip
     ax.axhline(0.25, color="gray", ls=":", lw=0.8, label="chance (0.25)")
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")

@@ -1,28 +1,36 @@
 """HellaSwag: download (local HTTP server), rendering, scoring against transformers, batch-size
-invariance, acc vs acc_norm, rank sharding, stage 08 (compare-hf, --ckpt, torchrun, errors)."""
+invariance, acc vs acc_norm, rank sharding, the lm-eval protocol (its text cleaning, its
+scoring by hand, and against lm_eval itself when installed), stage 08 (both protocols,
+compare-hf, --ckpt, torchrun, errors)."""
 
 import http.server
+import importlib.util
 import json
 import math
 import shutil
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, load_stage, run_script
+from conftest import ROOT, SHAKESPEARE, load_stage, run_script
 
 from common import UserError
 from common.checkpoint import save_checkpoint
+from common.cli import parse_args
 from common.data import EOT, get_tokenizer
 from common.hellaswag import (
+    PUBLISHED,
     collate,
     download_split,
     evaluate,
     load_examples,
+    preprocess,
     read_examples,
     render_example,
+    texts,
 )
 from common.hf import from_pretrained
 from common.model import GPT, GPTConfig
@@ -64,6 +72,32 @@ def by_hand(examples, hf_model):
             sums.append(row_s)
             means.append(row_m)
     return torch.tensor(sums), torch.tensor(means)
+
+
+# WikiHow-style examples in HellaSwag's schema, written for these tests: the markup lm-eval
+# cleans ([header], [title], [step], [substeps], [other]), an ending that keeps a leading space
+# after cleaning, a context that ends in a space after cleaning, a ctx_b to capitalize, three
+# spaces (one pass of "  " -> " " leaves two), an empty ctx_b
+ARTIFACTS = [
+    dict(ind=900, activity_label="Home and Garden", ctx_a="[header] How to plant tulip bulbs "
+         "[title] Choose a sunny spot. [step] Tulips need at least six hours of sun a day.",
+         ctx_b="", split="val", split_type="zeroshot", label=0, source_id="wikihow~test_900",
+         endings=["[substeps] Dig a hole about  eight inches deep. [title] Water the bulbs.",
+                  "Paint the bulbs [blue] before planting them.",
+                  "You can eat the bulbs raw [step] with salt.", "  Plant them in the freezer.  "]),
+    dict(ind=901, activity_label="Food and Entertaining", ctx_a="[header] How to make lemonade "
+         "[title] Squeeze the lemons.", ctx_b="add sugar [title]", split="val",
+         split_type="indomain", label=3, source_id="wikihow~test_901",
+         endings=["Pour it on the lawn.", "[title] Freeze the sugar.", "Sell the lemons.",
+                  "Stir until the sugar dissolves [step] and serve cold."]),
+    dict(ind=902, activity_label="Playing lacrosse", ctx_a="Two teams run across a field.",
+         ctx_b="the Player in RED catches the ball", split="val", split_type="indomain",
+         label=1, source_id="activitynet~v_test_902",
+         endings=["and   eats it.", "and   runs toward the goal.", "and flies away.",
+                  "and [sits] falls asleep."]),
+]  # fmt: skip
+for _ex in ARTIFACTS:
+    _ex["ctx"] = (_ex["ctx_a"] + " " + _ex["ctx_b"]).strip()
 
 
 # --- download ------------------------------------------------------------------------------
@@ -255,6 +289,144 @@ def test_ranks_split_the_examples(hf_tiny_dir, examples):
         assert p["pred_norm"] == [whole["pred_norm"][i] for i in p["indices"]]
 
 
+# --- the lm-eval protocol -------------------------------------------------------------------
+
+
+def test_lm_eval_text_cleaning():
+    """lm-eval's rules, worked by hand: the context is activity_label + ": " + ctx_a + " " +
+    ctx_b.capitalize(); context and endings are trimmed, " [title]" -> ". ", [...] dropped,
+    then one pass of "  " -> " ". The nanogpt protocol takes ctx and the endings as they are."""
+    context, endings = texts(ARTIFACTS[0], "lm-eval")
+    assert context == (
+        "Home and Garden: How to plant tulip bulbs. Choose a sunny spot. Tulips need at least "
+        "six hours of sun a day."
+    )
+    assert endings == [
+        " Dig a hole about eight inches deep.. Water the bulbs.",  # trimmed before [substeps] went
+        "Paint the bulbs before planting them.",
+        "You can eat the bulbs raw with salt.",
+        "Plant them in the freezer.",
+    ]
+    context, endings = texts(ARTIFACTS[1], "lm-eval")
+    assert context == "Food and Entertaining: How to make lemonade. Squeeze the lemons. Add sugar. "
+    assert endings[1] == " Freeze the sugar."  # no space before [title]: dropped as any [...]
+    assert endings[1] == preprocess("[title] Freeze the sugar.")
+    context, endings = texts(ARTIFACTS[2], "lm-eval")
+    assert (
+        context
+        == "Playing lacrosse: Two teams run across a field. The player in red catches the ball"
+    )
+    assert endings[:2] == ["and  eats it.", "and  runs toward the goal."]  # 3 spaces -> 2
+    assert endings[3] == "and falls asleep."
+    assert texts(ARTIFACTS[2], "nanogpt") == (ARTIFACTS[2]["ctx"], ARTIFACTS[2]["endings"])
+    with pytest.raises(UserError, match="unknown HellaSwag protocol 'helm'"):
+        texts(ARTIFACTS[0], "helm")
+    with pytest.raises(UserError, match="unknown HellaSwag protocol 'both'"):
+        evaluate(lambda idx: idx, ARTIFACTS, "cpu", protocol="both")  # one at a time
+
+
+def test_lm_eval_protocol_by_hand(hf_model, examples):
+    """Our lm-eval scores against an independent computation: lm-eval's tokenization (the
+    context's trailing spaces moved to the continuation, context + continuation encoded
+    together and cut after the context's tokens), one ending at a time through transformers;
+    acc = argmax of the summed log-likelihood, acc_norm = argmax of it / len(ending)."""
+    enc = get_tokenizer()
+    exs = examples[:1] + ARTIFACTS
+    res = evaluate(hf_model, exs, "cpu", batch_size=4, details=True, protocol="lm-eval")
+    lls, preds, preds_norm = [], [], []
+    with torch.no_grad():
+        for ex in exs:
+            context, endings = texts(ex, "lm-eval")
+            ctx = enc.encode(context.rstrip())
+            row = []
+            for ending in endings:
+                cont = enc.encode(context + " " + ending)[len(ctx) :]
+                logits = hf_model(torch.tensor([ctx + cont])).logits[0]
+                logp = F.log_softmax(logits[len(ctx) - 1 : -1], dim=-1)
+                row.append(logp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+            lens = torch.tensor([float(len(e)) for e in endings], dtype=torch.float64)
+            lls.append(row)
+            preds.append(int(torch.tensor(row).argmax()))
+            preds_norm.append(int((torch.tensor(row, dtype=torch.float64) / lens).argmax()))
+    lls = torch.tensor(lls)
+    torch.testing.assert_close(-res["loss_sum"], lls, atol=1e-4, rtol=1e-5)
+    assert res["pred"] == preds and res["pred_norm"] == preds_norm
+    labels = [ex["label"] for ex in exs]
+    assert res["correct"] == sum(p == g for p, g in zip(preds, labels))
+    assert res["correct_norm"] == sum(p == g for p, g in zip(preds_norm, labels))
+    chars = torch.tensor([[len(e) for e in texts(ex, "lm-eval")[1]] for ex in exs])
+    torch.testing.assert_close(res["loss_avg"], res["loss_sum"].double() / chars)
+    nanogpt = evaluate(hf_model, exs, "cpu", batch_size=4, details=True)
+    assert not torch.allclose(nanogpt["loss_sum"], res["loss_sum"])  # other text, other losses
+
+
+def test_lm_eval_itself_agrees(tmp_path, monkeypatch):
+    """The same examples scored by lm_eval (its own hellaswag task: only the data files are
+    local) and by our lm-eval protocol: every example's two choices and both aggregates equal.
+    Optional: lm-eval is not a requirement of this project."""
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip(
+            "lm-eval is not installed: `pip install lm-eval accelerate` (a separate "
+            "venv is fine) to check our lm-eval protocol against lm_eval itself"
+        )
+    import lm_eval
+    import lm_eval.tasks
+    import numpy as np
+
+    from common.export import export
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    exs = read_examples(FIXTURE) + ARTIFACTS
+    data = tmp_path / "hellaswag_val.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in exs))
+    torch.manual_seed(0)  # our GPT, padded vocab, exported as `python -m common.export` does
+    model = GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
+                          tie_weights=True, gpt2_init=True))  # fmt: skip
+    # 30 steps on Shakespeare first: a random model picks the shortest ending every time
+    tokens = torch.tensor(get_tokenizer().encode_ordinary(SHAKESPEARE.read_text()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        starts = torch.randint(0, len(tokens) - 65, (8,)).tolist()
+        batch = torch.stack([tokens[i : i + 65] for i in starts])  # (8, 65)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    export(model.eval(), tmp_path / "model")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    stock = Path(lm_eval.tasks.__file__).parent / "hellaswag" / "hellaswag.yaml"
+    (tasks / "hellaswag_local.yaml").write_text(
+        f"include: {stock}\ntask: hellaswag_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\ntraining_split: null\n"
+    )
+    got = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'model'},dtype=float32", device="cpu",
+        tasks=["hellaswag_local"], batch_size=8, log_samples=True,
+        task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks)),
+    )  # fmt: skip
+    samples = sorted(got["samples"]["hellaswag_local"], key=lambda r: r["doc_id"])
+    assert len(samples) == len(exs)
+    ours = evaluate(model, exs, "cpu", batch_size=4, details=True, protocol="lm-eval")
+    for i, (ex, sample) in enumerate(zip(exs, samples)):
+        assert sample["doc"]["query"] == texts(ex, "lm-eval")[0]  # the same text was scored
+        assert sample["doc"]["choices"] == texts(ex, "lm-eval")[1]
+        lls = np.array([ll for ll, _ in sample["filtered_resps"]])
+        lens = np.array([float(len(c)) for c in sample["doc"]["choices"]])
+        assert ours["pred"][i] == int(np.argmax(lls)), i
+        assert ours["pred_norm"][i] == int(np.argmax(lls / lens)), i
+        assert sample["acc"] == float(ours["pred"][i] == ex["label"])
+        assert sample["acc_norm"] == float(ours["pred_norm"][i] == ex["label"])
+        np.testing.assert_allclose(-ours["loss_sum"][i].numpy(), lls, atol=1e-4, rtol=1e-5)
+    result = got["results"]["hellaswag_local"]
+    assert result["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
+    assert result["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
+    print(f"lm-eval {lm_eval.__version__}: {len(exs)} examples, acc {ours['acc']:.4f}, acc_norm "
+          f"{ours['acc_norm']:.4f} (lm_eval: {result['acc,none']:.4f}, "
+          f"{result['acc_norm,none']:.4f}); choices (acc, acc_norm) "
+          f"{list(zip(ours['pred'], ours['pred_norm']))}: all agree")  # fmt: skip
+
+
 # --- stage 08 -----------------------------------------------------------------------------
 
 
@@ -266,12 +438,34 @@ def test_08_compare_hf_agrees(hf_tiny_dir, capsys):
     stage = load_stage("08_hellaswag")
     out = stage.main(stage_config(stage, model=str(hf_tiny_dir), compare_hf=True))
     assert out["n"] == 16 and out["disagree"] == 0 and out["max_loss_diff"] < 1e-5
-    assert (out["acc"], out["acc_norm"]) == (out["hf_acc"], out["hf_acc_norm"])
     printed = capsys.readouterr().out
-    assert "predictions that differ: 0 of 16" in printed
-    assert f"acc_norm {out['acc_norm']:.4f}" in printed
-    assert "GPT-2 124M (OpenAI weights)    0.2955" in printed and "GPT-3 125M" in printed
-    assert "published" in printed and printed.strip().splitlines()[-1].startswith("summary:")
+    lines = printed.splitlines()
+    for p, label in (("nanogpt", "nanogpt"), ("lm-eval", "lm_eval")):
+        acc, acc_norm = out[f"{label}_acc"], out[f"{label}_acc_norm"]
+        assert (acc, acc_norm) == (out[f"{label}_hf_acc"], out[f"{label}_hf_acc_norm"])
+        assert out[f"{label}_disagree"] == 0 and acc_norm == out[f"{label}_correct_norm"] / 16
+        _, pub_acc, pub_norm, _ = PUBLISHED[p][0]
+        assert out["published"][f"{label}_acc"] == pub_acc
+        assert out["published"][f"{label}_acc_norm"] == pub_norm
+        # one line per protocol: ours, then the published figures measured the same way
+        row = [line for line in lines if line.startswith(f"hellaswag val: {p} protocol")]
+        assert row == [
+            f"hellaswag val: {p} protocol, 16 examples | acc {acc:.4f} | acc_norm {acc_norm:.4f}"
+            f" | published for GPT-2 124M: acc {pub_acc:.4f}, acc_norm {pub_norm:.4f} "
+            f"({PUBLISHED[p][0][3]})"
+        ]
+        assert f"transformers GPT2LMHeadModel, {p} protocol:" in printed
+    assert out["published"]["nanogpt_acc_norm"] == 0.2955
+    assert (out["published"]["lm_eval_acc"], out["published"]["lm_eval_acc_norm"]) == (
+        0.2892,
+        0.3114,
+    )
+    assert printed.count("predictions that differ: 0 of 16") == 2
+    assert "GPT-2 124M (OpenAI weights)    0.2859  0.2955" in printed and "GPT-3 125M" in printed
+    assert "GPT-2 124M (OpenAI weights)    0.2892  0.3114" in printed
+    assert "published" in printed and lines[-1].startswith("summary:")
+    assert f"acc_norm {out['nanogpt_acc_norm']:.4f} (nanogpt protocol" in lines[-1]
+    assert f"{out['lm_eval_acc_norm']:.4f} (lm-eval protocol" in lines[-1]
 
 
 def test_08_checkpoint_padded_vocab_and_cropping(tmp_path, capsys, examples):
@@ -297,7 +491,21 @@ def test_08_default_split_comes_from_the_cache(hf_tiny_dir, tmp_path, monkeypatc
     monkeypatch.setenv("GPT_FROM_SCRATCH_CACHE", str(tmp_path))  # no network: the file is there
     stage = load_stage("08_hellaswag")
     out = stage.main(stage.Config(device="cpu", model=str(hf_tiny_dir), limit=5))
-    assert out["n"] == 5
+    assert out["n"] == 5 and {"nanogpt_acc", "lm_eval_acc"} <= set(out)  # --limit: both
+
+
+def test_08_one_protocol(hf_tiny_dir, capsys):
+    stage = load_stage("08_hellaswag")
+    both = stage.main(stage_config(stage, model=str(hf_tiny_dir), limit=4))
+    capsys.readouterr()
+    out = stage.main(stage_config(stage, model=str(hf_tiny_dir), limit=4, protocol="lm-eval"))
+    printed = capsys.readouterr().out
+    assert out["n"] == 4 and not any(k.startswith("nanogpt") for k in out)
+    assert (out["lm_eval_acc"], out["lm_eval_acc_norm"]) == (
+        both["lm_eval_acc"],
+        both["lm_eval_acc_norm"],
+    )
+    assert "nanogpt" not in printed and "0.3114" in printed and "0.2955" not in printed
 
 
 def test_08_bad_input(hf_tiny_dir, tmp_path):
@@ -308,11 +516,23 @@ def test_08_bad_input(hf_tiny_dir, tmp_path):
         stage.main(stage_config(stage, model="gpt-9"))
     with pytest.raises(UserError, match="no checkpoint"):
         stage.main(stage_config(stage, ckpt=str(tmp_path)))
+    with pytest.raises(UserError, match="unknown HellaSwag protocol 'helm'"):
+        stage.main(stage_config(stage, model=str(hf_tiny_dir), protocol="helm"))
+    bare = tmp_path / "bare.jsonl"  # ctx and endings only: enough for nanogpt, not for lm-eval
+    bare.write_text(json.dumps(dict(ctx="A man", endings=["a", "b", "c", "d"], label=2)) + "\n")
+    with pytest.raises(UserError, match="lm-eval protocol needs each example's activity_label"):
+        stage.main(stage.Config(device="cpu", model=str(hf_tiny_dir), data=str(bare)))
+    out = stage.main(stage.Config(device="cpu", model=str(hf_tiny_dir), data=str(bare),
+                                  protocol="nanogpt"))  # fmt: skip
+    assert out["n"] == 1
     r = run_script(["08_hellaswag.py", "--device", "cpu", "--data", "/no/such.jsonl"])
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: HellaSwag file not found: /no/such.jsonl (omit --data to download the split)"
     ]
+    for name, flag in (("08_hellaswag", "--protocol"), ("07_ddp_fineweb", "--hellaswag-protocol")):
+        with pytest.raises(UserError, match=f"{flag} must be one of nanogpt, lm-eval, both"):
+            parse_args(load_stage(name).Config, [flag, "helm"])  # before any work
 
 
 def test_08_torchrun_two_processes_match_one(hf_tiny_dir, tmp_path):
@@ -326,7 +546,8 @@ def test_08_torchrun_two_processes_match_one(hf_tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     assert got["world_size"] == 2 and got["disagree"] == 0
-    for key in ("n", "correct", "correct_norm"):
+    for key in ("n", "nanogpt_correct", "nanogpt_correct_norm", "lm_eval_correct",
+                "lm_eval_correct_norm"):  # fmt: skip
         assert got[key] == single[key]
     assert "(2 processes)" in r.stdout
-    assert sum(line.startswith("hellaswag val:") for line in r.stdout.splitlines()) == 1  # rank 0
+    assert sum(line.startswith("hellaswag val:") for line in r.stdout.splitlines()) == 2  # rank 0

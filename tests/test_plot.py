@@ -6,7 +6,7 @@ import random
 
 from conftest import run_script
 
-from common.plot import Config, main, read_metrics
+from common.plot import COLOURS, GPT2_HELLASWAG, Config, hellaswag_lines, main, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,9 @@ def write_metrics(path, steps=300, val_every=25, hellaswag_every=50, extra_lines
             lines.append(dict(step=s, split="val", loss=loss + 0.04, tokens=tokens))
         if hellaswag_every and (s % hellaswag_every == 0 or s == steps - 1):
             acc = 0.25 + 0.05 * s / steps
-            lines.append(dict(step=s, split="hellaswag", acc=acc, acc_norm=acc + 0.01, n=10042))
+            lines.append(dict(step=s, split="hellaswag", nanogpt_acc=acc,
+                              nanogpt_acc_norm=acc + 0.01, lm_eval_acc=acc + 0.005,
+                              lm_eval_acc_norm=acc + 0.02, n=10042))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(d) + "\n" for d in lines) + "".join(extra_lines)
     path.write_text(text)
@@ -73,3 +75,21 @@ def test_missing_or_empty_metrics_is_one_error_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "holds no metrics" in lines[0]
     assert not (tmp_path / "metrics.png").exists()
+
+
+def test_hellaswag_baselines_go_with_their_protocol(tmp_path):
+    """Each protocol's line and the published figure measured its way share a colour and a
+    label; a run from before the protocols (plain acc, acc_norm) is the nanogpt protocol's."""
+    from common.hellaswag import PUBLISHED
+
+    assert GPT2_HELLASWAG == {p: rows[0][2] for p, rows in PUBLISHED.items()}  # not copied wrong
+    write_metrics(tmp_path / "metrics.jsonl", steps=60, val_every=0)
+    lines = hellaswag_lines(read_metrics(tmp_path)["hellaswag"])
+    assert [line[0] for line in lines] == ["nanogpt", "lm-eval"]
+    for protocol, colour, (xs, ys), (xs2, ys2), published in lines:
+        assert colour == COLOURS[protocol] and published == GPT2_HELLASWAG[protocol]
+        assert xs == xs2 == [0, 50, 59] and len(ys) == len(ys2) == 3
+    assert lines[1][2][1][0] == 0.25 + 0.02  # lm_eval_acc_norm, not nanogpt's
+    old = [dict(step=s, split="hellaswag", acc=0.26, acc_norm=0.27, n=16) for s in (0, 5)]
+    (lines,) = hellaswag_lines(old)
+    assert lines[0] == "nanogpt" and lines[2] == ([0, 5], [0.27, 0.27]) and lines[4] == 0.2955
