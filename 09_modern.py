@@ -212,9 +212,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def make_optimizers(model, name, cfg, device):
-    """adamw: stage 06's AdamW for all. muon: Muon for the Linear weights in the blocks, q, k, v
-    (and SwiGLU's gate, up) each orthogonalized alone, as in modded-nanogpt: they are separate
-    maps (muon_fused: each fused matrix as one, the control); stage 06's AdamW for the rest."""
+    """adamw: stage 06's AdamW for all. muon: Muon for the blocks' Linear weights, q, k, v (and
+    SwiGLU's gate, up) each alone: separate maps, each its own full step (muon_fused, the control:
+    one matrix, so a part with small gradients gets a small step); stage 06's AdamW for the rest."""
     if name == "adamw":
         return [make_optimizer(model, cfg.weight_decay, cfg.max_lr, device)]
     linears = [m for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
