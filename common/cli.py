@@ -5,9 +5,12 @@
         batch_size: int = 16  # sequences per step      ->  --batch-size 16  (help from the comment)
         cpu: ClassVar[dict] = dict(preset="tiny", batch_size=4)
 
-`cpu` holds the defaults used when no CUDA GPU is found and no --preset was given (or the
-CPU preset is named), so `python NN_stage.py` finishes quickly on a laptop while
-`--preset gpt2` forces the real thing. Flags given on the command line always win.
+`cpu` holds the defaults used when the stage runs on a CPU (no CUDA GPU, or --device cpu),
+so `python NN_stage.py` finishes quickly on a laptop; each applies only where its flag was
+not given. A preset chooses the model's size and nothing else: `--preset gpt2` on a CPU is
+GPT-2's size with the CPU batch and steps, `--preset tiny` on a GPU the tiny model with the
+GPU's. On a CPU one line names every value that is not the stage's default (the CPU defaults
+used, then the flags as given). A Config may inherit fields (and their help) from a base.
 `consts` (optional) names flags that may stand alone: consts = {"resume": "latest"} makes
 `--resume` mean `--resume latest`.
 
@@ -46,12 +49,16 @@ RULES = {
 
 
 def _field_help(cls):
-    """The trailing comment of each `name: type = value  # comment` line in the class source."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
+    """The trailing comment of each `name: type = value  # comment` line in the class source
+    (and its bases', a field redefined in the class taking the class's comment)."""
+    helps = {}
+    for klass in reversed(cls.__mro__[:-1]):  # object has no source
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        helps.update(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
+    return helps
 
 
 def _bool(s):
@@ -111,19 +118,16 @@ def parse_args(Config, argv=None):
     cfg = Config(**{k: getattr(ns, k) if k in given else v for k, v in defaults.items()})
     sys.excepthook = _excepthook
     cpu, note = getattr(Config, "cpu", None), None
-    if cpu:
-        auto = "preset" not in given and _no_cuda(cfg)  # nothing asked for, no GPU: go small
-        if auto or cfg.__dict__.get("preset") == cpu.get("preset"):  # or the CPU preset by name
-            cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
-        if auto:  # the values in use: a flag given on the command line wins over its default
-            used = [f"{k}={v}" for k, v in cpu.items() if k not in given]
-            kept = [f"{k}={getattr(cfg, k)}" for k in cpu if k in given]
-            shown = ", ".join(used) + ("; " if used and kept else "")
-            shown += f"as given: {', '.join(kept)}" if kept else ""
-            hint = (
-                "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"
-            )
-            note = f"No CUDA GPU: using the CPU defaults ({shown}); {hint}."
+    if cpu and _no_cuda(cfg):  # on a CPU: its defaults, each where its flag was not given
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
+        differs = [k for k in defaults if getattr(cfg, k) != defaults[k]]
+        used = [f"{k}={getattr(cfg, k)}" for k in differs if k not in given]
+        kept = [f"{k}={getattr(cfg, k)}" for k in differs if k in given]
+        if used:  # the one line naming every value that is not the stage's default
+            shown = ", ".join(used) + (f"; as given: {', '.join(kept)}" if kept else "")
+            why = "--device cpu" if getattr(cfg, "device", None) == "cpu" else "No CUDA GPU"
+            hint = "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"  # fmt: skip
+            note = f"{why}: using the CPU defaults ({shown}); {hint}."
     validate(cfg)  # a bad value is then the only thing said
     if note:
         print(note)

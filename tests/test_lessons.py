@@ -5,11 +5,14 @@ budget and check that it holds the idea's own code (not a flag); then that the c
 writes out and the copy in common/ give the same result, so the two never drift.
 """
 
+import inspect
 import math
 import os
 import re
 import shutil
 import subprocess
+import textwrap
+import types
 from dataclasses import replace
 
 import pytest
@@ -51,6 +54,47 @@ def diff_lines(a, b):
 
     la, lb = ((ROOT / f"{n}.py").read_text().splitlines() for n in (a, b))
     return [d[2:] for d in difflib.unified_diff(la, lb, n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")]  # fmt: skip
+
+
+def code_key(code, doc=None):
+    """What a code object computes with: bytecode, constants (with their types: 1 is not 1.0;
+    nested code objects, such as lambdas, compared the same way), names and local names. Not
+    the docstring `doc`, line numbers or the file name."""
+    consts = tuple(code_key(c) if isinstance(c, types.CodeType) else (type(c).__name__, c)
+                   for c in code.co_consts if doc is None or c != doc)  # fmt: skip
+    return (code.co_code, consts, code.co_names, code.co_varnames, code.co_freevars,
+            code.co_cellvars)  # fmt: skip
+
+
+def same_code(a, b):
+    """A stage's written-out function and common/'s are the same code (docstrings aside)."""
+    return code_key(a.__code__, a.__doc__) == code_key(b.__code__, b.__doc__)
+
+
+def edited(fn, old, new):
+    """fn compiled again from its source with `old` replaced by `new` (once, in its body)."""
+    src = textwrap.dedent(inspect.getsource(fn))
+    assert src.count(old) == 1, (fn.__name__, old)
+    namespace = dict(fn.__globals__)
+    exec(compile(src.replace(old, new), inspect.getsourcefile(fn), "exec"), namespace)
+    return namespace[fn.__name__]
+
+
+def test_same_code_catches_a_changed_constant_or_name():
+    """co_code alone misses a changed constant or name (0.02 -> 0.01 keeps the bytecode:
+    only the constant table changes); same_code does not. Both copies are compiled the same
+    way (a function compiled alone can differ in bytecode from one in its module: 3.11 calls
+    an imported module's function with LOAD_ATTR there, LOAD_METHOD here)."""
+    s04 = load_stage("04_best_practices")
+    for fn, old, new in ((s04.gpt2_init, "std=0.02", "std=0.01"),
+                         (s04.gpt2_init, "init.zeros_", "init.ones_"),
+                         (setup_ddp, 'backend="nccl"', 'backend="gloo"'),
+                         (lr_at, "(0.1 + 0.9", "(0.2 + 0.9")):  # fmt: skip
+        same, changed = edited(fn, old, old), edited(fn, old, new)
+        assert not same_code(changed, same), (fn.__name__, new)
+        if "gloo" not in new:  # "gloo" is already a constant of setup_ddp: its index differs
+            assert changed.__code__.co_code == same.__code__.co_code  # what co_code cannot see
+    assert same_code(s04.gpt2_init, gpt2_init)  # docstrings differ, the code does not
 
 
 def test_every_adjacent_diff_is_the_lesson_within_budget():
@@ -108,7 +152,7 @@ def test_04_tying_and_init_equal_common_bitwise():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for m in (model, common):  # tied: one storage, not two equal copies
         assert m.transformer.wte.weight.data_ptr() == m.lm_head.weight.data_ptr()
-    assert s04.gpt2_init.__code__.co_code == gpt2_init.__code__.co_code  # the same code
+    assert same_code(s04.gpt2_init, gpt2_init)  # the same code, constants and names
     proj = common.transformer.h[0].attn.c_proj.weight
     assert proj.std().item() == pytest.approx(0.02 * (2 * 4) ** -0.5, rel=0.1)
 
@@ -132,7 +176,7 @@ def test_06_schedule_and_groups_equal_common():
     s06 = load_stage("06_hyperparams")
     for step in range(0, 130):
         assert s06.lr_at(step, 6e-4, 10, 110) == lr_at(step, 6e-4, 10, 110)
-    assert s06.lr_at.__code__.co_code == lr_at.__code__.co_code
+    assert same_code(s06.lr_at, lr_at) and same_code(s06.make_optimizer, make_optimizer)
     model = GPT(preset_config("tiny", tie_weights=True))
     a, b = s06.make_optimizer(model, 0.1, 1e-3, "cpu"), make_optimizer(model, 0.1, 1e-3, "cpu")
     for ga, gb in zip(a.param_groups, b.param_groups, strict=True):
@@ -146,7 +190,7 @@ def test_06_schedule_and_groups_equal_common():
 
 def test_07_ddp_setup_equals_common(monkeypatch):
     s07 = load_stage("07_ddp_fineweb")
-    assert s07.setup_ddp.__code__.co_code == setup_ddp.__code__.co_code
+    assert same_code(s07.setup_ddp, setup_ddp)
     assert s07.setup_ddp("cpu") == setup_ddp("cpu")  # no torchrun: one plain process
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     for name, port in (("stage", "29611"), ("common", "29612")):

@@ -324,8 +324,8 @@ def test_no_prefixes_and_underscore_spelling(s07, no_cuda, capsys):
         assert cfg.seq_len == s07.Config.cpu["seq_len"]  # the other CPU defaults still apply
         note = capsys.readouterr().out.strip()
         assert note.startswith("No CUDA GPU: using the CPU defaults (preset=tiny, seq_len=64,")
-        assert note.endswith("; as given: batch_size=3, steps=60); --preset gpt2 forces the "
-                             "real size.")  # fmt: skip
+        assert note.endswith("; as given: batch_size=3, steps=60, keep_last=0); --preset gpt2 "
+                             "forces the real size.")  # fmt: skip
         assert "batch_size=8" not in note and "steps=40" not in note
     help_ = run_script(["07_ddp_fineweb.py", "--help"]).stdout
     assert "--batch-size BATCH_SIZE" in help_ and "--batch_size BATCH_SIZE" not in help_

@@ -108,3 +108,26 @@ def test_random_model_unknown_preset_is_one_line(tmp_path, cache_env):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "unknown preset 'gpt5'" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "m").exists()
+
+
+def test_a_preset_chooses_the_size_only(monkeypatch, capsys):
+    """On a GPU `--preset tiny` is the tiny model with the GPU's batch, steps and lr, and no
+    line; on a CPU the CPU defaults apply to each flag not given, `--preset gpt2` included,
+    and one line names every value that is not the stage's default."""
+    import common.cli as cli
+
+    s05 = load_stage("05_speedups")
+    default = s05.Config()
+    monkeypatch.setattr(cli, "_no_cuda", lambda cfg: False)  # a GPU
+    cfg = parse_args(s05.Config, ["--preset", "tiny"])
+    assert cfg == s05.Config(preset="tiny") and capsys.readouterr().out == ""
+    monkeypatch.setattr(cli, "_no_cuda", lambda cfg: True)  # a CPU
+    cfg = parse_args(s05.Config, ["--preset", "gpt2", "--steps", "5", "--json", "t.json"])
+    assert (cfg.preset, cfg.steps, cfg.json) == ("gpt2", 5, "t.json")
+    assert (cfg.batch_size, cfg.seq_len, cfg.compile) == (8, 64, False)  # the CPU's
+    note = capsys.readouterr().out.strip()
+    assert note == ("No CUDA GPU: using the CPU defaults (batch_size=8, seq_len=64, lr=0.001, "
+                    "compile=False, timed=6; as given: steps=5, json=t.json); --preset gpt2 "
+                    "forces the real size.")  # fmt: skip
+    differs = [f for f in vars(cfg) if getattr(cfg, f) != getattr(default, f)]
+    assert all(f"{f}={getattr(cfg, f)}" in note for f in differs)
