@@ -1,7 +1,8 @@
 """Stage 05: make it fast, and measure what each trick buys on your own hardware.
 
-Five speedups, written out in main() (common/model.py keeps the manual attention beside
-flash: attn="manual" | "sdpa"), and first timed one by one in a table (common/bench.py).
+Five speedups, first timed one by one in a table (common/bench.py). TF32, autocast and compile
+are written out in main(); flash attention and vocab 50304 are settings of the shared model
+(attn="sdpa" beside the manual four lines, vocab_size=50304: see `grep "stage 05" common/model.py`).
 
 Run: python 05_speedups.py   (no GPU: tiny preset, ~1 min; --preset gpt2 --compare-hf on a GPU)
 """
