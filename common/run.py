@@ -141,7 +141,7 @@ class Run:
         if self.world_size > 1:
             dist.barrier()  # no rank leaves before the checkpoint is on disk
         name = signal.Signals(self.signal).name if self.signal else "a signal to another rank"
-        print0(f"stopped by {name} after step {step}, checkpoint {self.newest}: exit code "
+        print0(f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
                f"{PREEMPTED}; run the same command with --resume auto to continue")  # fmt: skip
         self.close()
         if _distributed():
