@@ -119,12 +119,16 @@ class Run:
     def catch_signals(self):
         """SIGTERM (SLURM, Kubernetes, spot instances, torchrun shutting down) and SIGUSR1
         (e.g. `scancel --signal=USR1`) no longer end the process mid-step: they are noted, and
-        preempted() stops the run after the step. close() puts the old handlers back."""
+        preempted() stops the run after the step; a second one ends the process at once.
+        close() puts the old handlers back."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
+        if self.signal is not None:  # the second one: as if nothing caught it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signal = signum
         print(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint",
               flush=True)  # fmt: skip

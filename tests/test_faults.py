@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -123,17 +124,22 @@ def test_two_nodes_on_one_host_have_one_writer(reference):
 def test_dead_worker_and_preemption_cost_only_steps_since_the_checkpoint(
     shards, env, tmp_path, reference
 ):
-    """One command, `torchrun --max-restarts=1 07 ...` (no --resume): rank 1 killed by kill -9
-    after step 5 -> torchrun restarts both workers, which resume from ckpt 4 by themselves.
-    Then SIGTERM to rank 1 alone -> both ranks stop after the same step, rank 0 writes one
-    checkpoint, every worker exits 75. The same command with `--resume auto` (a requeue)
-    finishes: weights, moments and every loss as in the uninterrupted run, bitwise. That run
-    is the two-node reference, so this also shows two nodes train like one node with two
-    processes."""
+    """One command, `torchrun --max-restarts=5 07 ...` (no --resume), as the README gives it:
+    rank 1 killed by kill -9 after step 5 -> torchrun restarts both workers, which resume
+    from ckpt 4 by themselves. Then SIGTERM to rank 1 alone -> both ranks stop after the
+    same step, rank 0 writes one checkpoint, the workers exit 75, torchrun restarts them and
+    they resume from it. The run ends with the weights, moments and every loss of the
+    uninterrupted two-node reference, bitwise (so two nodes also train like one node with two
+    processes). Spare restarts: with gloo, a restarted worker now and then reads the dead
+    attempt's address from torchrun's store and fails in init_process_group; torchrun then
+    simply restarts again."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.Popen([*cmd, "--max-restarts=1", *args_07(shards, out)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    p = subprocess.Popen([*cmd, "--max-restarts=5", *args_07(shards, out)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)  # fmt: skip
+    watchdog = threading.Timer(300, os.killpg, (p.pid, signal.SIGKILL))  # a hang fails, not blocks
+    watchdog.start()
     lines, phase = [], "kill"
     for line in p.stdout:
         lines.append(line)
@@ -146,17 +152,13 @@ def test_dead_worker_and_preemption_cost_only_steps_since_the_checkpoint(
             os.kill(workers(p.pid)[1], signal.SIGTERM)  # what SLURM/Kubernetes send: one rank
             phase = "done"
     text = "".join(lines)
-    assert p.wait(timeout=300) != 0 and phase == "done", text  # restarts used up: torchrun fails
+    watchdog.cancel()
+    assert p.wait(timeout=300) == 0 and phase == "done", text
     assert "SIGTERM: stopping after this step" in text and "exitcode: 75" in text
     stop = int(text.split("stopped by a signal to another rank at step ")[1].split(",")[0])
     assert 6 <= stop < 8  # the step after the signal, on rank 0 too
-    assert [c.name for c in list_checkpoints(out)] == ["ckpt_000004.pt", f"ckpt_{stop:06d}.pt"]
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
-
-    r = subprocess.run([*cmd, *args_07(shards, out, "--resume", "auto")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert f"resumed from step {stop}" in r.stdout
+    assert text.count(f"saved {out / f'ckpt_{stop:06d}.pt'}") == 1  # one checkpoint
+    assert f"resumed from step {stop}" in text and not [f for f in os.listdir(out) if ".tmp" in f]
     assert metrics(out) == metrics(reference[0])  # one line per step, the very same numbers
     assert same_weights(out, reference[0])
 
