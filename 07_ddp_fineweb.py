@@ -55,7 +55,7 @@ class Config:
     hellaswag_protocol: str = "both"  # nanogpt, lm-eval or both (see 08_hellaswag.py)
     ckpt_every: int = 5000  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted (0: keep all)
-    resume: str = ""  # "latest" (newest in --out; also --resume alone) or a checkpoint path
+    resume: str = ""  # "latest" (newest in --out; also --resume alone), "auto" (it, if any), a path
     allow_config_change: bool = False  # let --resume change steps, batch, lr ... (logged)
     wandb: str = ""  # also log every metric to this Weights & Biases project (pip install wandb)
     consts: ClassVar[dict] = dict(resume="latest")
@@ -188,8 +188,11 @@ def main(cfg):
         print0(step_line(step, losses[step], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=cfg.total_batch / dt, total=cfg.steps, eta=run.eta(step)))  # fmt: skip
         run.log(step=step, split="train", loss=losses[step], lr=lr, norm=norms[-1], dt=dt,
                 tokens_per_s=cfg.total_batch / dt, mfu=run.mfu(dt), tokens=run.tokens_at(step + 1))  # fmt: skip
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
+        preempted = run.preempted()  # SIGTERM/SIGUSR1 reached a rank: all stop after this step
+        if preempted or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
             run.save(step + 1)  # rank 0 writes; the model, optimizer and loader given above
+        if preempted:
+            run.stop(step + 1)  # exit code 75: the same command with --resume auto goes on
 
     val = f"{val_losses[max(val_losses)]:.4f}" if val_losses else "n/a (not evaluated)"
     print0(f"summary: steps {run.start_step}..{cfg.steps} of {cfg.total_batch:,} tokens on "

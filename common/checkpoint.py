@@ -5,12 +5,22 @@ parameter names), its GPTConfig, the optimizer, the step, the stage's Config, th
 loader's position and every RNG state. A kill mid-save leaves at worst a stray temp file,
 never a broken newest checkpoint.
 
+Loading never runs code: every load is torch.load(weights_only=True), so beside tensors a
+checkpoint holds only plain values (dict, list, tuple, str, int, float, bool, None); the RNG
+states are stored as tensors and ints (rng_state), and save_checkpoint refuses anything else.
+A file that needs more (a pickled object, e.g. one built to run a command when unpickled) is
+refused without being unpickled. Checkpoints of the earlier format (numpy RNG states) are
+refused with the opt-in conversion, `python -m common.checkpoint --adopt FILE`.
+
 What keeps a run from losing or poisoning its work:
   checksum    every checkpoint stores a sha256 over its content (each tensor's bytes and
               every other value, in a fixed order); loading recomputes it, so a flipped byte
               in the weights, optimizer moments or RNG states is caught. A checkpoint without
               one (written before they carried one) is refused, since it cannot be told apart
               from a damaged one: `python -m common.checkpoint --adopt FILE` adds one.
+  full disk   save_checkpoint refuses a save when the disk has less free space than the newest
+              checkpoint's size; a save that fails (no space, I/O error) leaves no temp file
+              and every earlier checkpoint as it was, and says how much space one needs.
   finite      save_checkpoint refuses non-finite weights or optimizer moments, and
               prune_checkpoints never deletes the newest checkpoint that verifies.
   no fallback load_checkpoint(dir) takes the newest checkpoint and refuses it when it does not
@@ -27,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -47,6 +58,11 @@ except ImportError:  # Windows: no flock; RunLock then does not enforce one writ
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.pt$")
 TMP_RE = re.compile(r"^\.ckpt_\d{6,}\.pt\.tmp(\d+)$")  # save_checkpoint's temp files
 WRAPPERS = re.compile(r"^(?:_orig_mod\.|module\.)+")  # torch.compile and DDP key prefixes
+PLAIN = (torch.Tensor, str, int, float, bool, type(None))  # what weights_only=True reads back
+# the only objects the earlier format (numpy RNG states) held beside plain values: --adopt
+# reads a file that needs these and nothing else, still with the safe loader
+OLD_FORMAT = {f"numpy.{c}" for c in ("_core.multiarray._reconstruct", "core.multiarray._reconstruct",
+                                     "ndarray", "dtype", "dtypes.UInt32DType")}  # fmt: skip
 
 
 # --- content checks -------------------------------------------------------------------------
@@ -99,11 +115,35 @@ def clean_state_dict(state_dict):
     return {WRAPPERS.sub("", k): v for k, v in state_dict.items()}
 
 
-def _read(path, map_location="cpu"):
-    """-> (checkpoint dict or None, why it is no good or None)."""
+def check_plain(state, name=""):
+    """Raise TypeError naming the first value in `state` that torch.load(weights_only=True)
+    would refuse (a numpy array, a Path, any object): what a checkpoint holds must load safely."""
+    for leaf, v in _leaves(state, name):
+        if not isinstance(v, PLAIN):
+            raise TypeError(f"checkpoint value {leaf} is a {type(v).__qualname__}: store plain "
+                            "values (dict, list, tuple, str, int, float, bool, None, tensors)")  # fmt: skip
+
+
+def _unsafe_globals(path):
+    """What a file needs beyond plain values, read from its pickle opcodes, never unpickled."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated, damaged or foreign file
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch.save zip at all: torch.load will say it cannot be read
+        return set()
+
+
+def _read(path, map_location="cpu", allow=()):
+    """-> (checkpoint dict or None, why it is no good or None). The safe loader only, plus
+    the objects in `allow` (adopt's numpy types)."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, damaged, foreign, or more than plain values
+        if need := _unsafe_globals(path):
+            if need <= OLD_FORMAT:
+                return None, "is in the earlier checkpoint format (numpy RNG states)"
+            return None, (f"is not a plain checkpoint: it needs {', '.join(sorted(need))}, which "
+                          "only unpickling would build, and that can run any code; not loaded")  # fmt: skip
         return None, f"cannot be read ({type(e).__name__})"
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         return None, "is not a checkpoint of this project (no model/model_config)"
@@ -160,8 +200,20 @@ def save_checkpoint(out, step, model, model_config, **extra):
             f"not saving step {step}: {bad} holds nan/inf; newest good checkpoint: "
             f"{newest_good_checkpoint(out) or 'none'}"
         )
+    check_plain(state)  # a value the safe loader refuses would make an unloadable file
     state["sha256"] = content_hash(state)
-    return _write(out / f"ckpt_{step:06d}.pt", state)
+    path = out / f"ckpt_{step:06d}.pt"
+    if (found := list_checkpoints(out)) and out.is_dir():  # obviously too big: do not start
+        need, free = found[-1].stat().st_size, shutil.disk_usage(out).free
+        if free < need:
+            raise UserError(f"not saving {path}: {_mib(free)} free in {out}, a checkpoint needs "
+                            f"{_mib(need)}; earlier checkpoints are intact: free space, then "
+                            "run again with --resume auto")  # fmt: skip
+    return _write(path, state)
+
+
+def _mib(n):
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _write(path, state):
@@ -175,10 +227,20 @@ def _write(path, state):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except OSError as e:  # disk full, quota, permissions: the older checkpoints are untouched
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O: older checkpoints untouched
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({e.strerror or e}): free space in {out}, "
-                        "then resume from the newest checkpoint") from None  # fmt: skip
+        cause = e  # torch.save may wrap the OSError: "unexpected pos", "failed writing"
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None and "writ" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                    for _, v in _leaves(state) if isinstance(v, torch.Tensor)}  # tied: once  # fmt: skip
+        need = sum(storages.values())
+        why = cause.strerror if cause is not None and cause.strerror else "write failed"
+        raise UserError(f"could not write {path} ({why}): a checkpoint needs about {_mib(need)}, "
+                        f"{_mib(shutil.disk_usage(out).free)} free in {out}; earlier checkpoints "
+                        "are intact: free space, then run again with --resume auto") from None  # fmt: skip
     return path
 
 
@@ -247,6 +309,11 @@ def load_checkpoint(path, map_location="cpu"):
             f"{path} has no checksum (written before checkpoints carried one), so it cannot be "
             f"verified; if you trust it, add one: python -m common.checkpoint --adopt {path}"
         )
+    if why and why.startswith("is in the earlier"):
+        raise UserError(f"{path} {why}, which the safe loader refuses; if you trust it, convert "
+                        f"it: python -m common.checkpoint --adopt {path}")  # fmt: skip
+    if why and why.startswith("is not a plain"):  # no older checkpoint offered: not ours
+        raise UserError(f"checkpoint {path} {why}")
     if why:
         good = newest_good_checkpoint(path.parent, before=path)
         if good:
@@ -271,20 +338,34 @@ def model_from_checkpoint(path, device="cpu"):
 
 
 def rng_state():
-    """Every random number generator a run touches: python, numpy, torch (CPU and CUDA)."""
+    """Every random number generator a run touches: python, numpy, torch (CPU and CUDA), as
+    tensors and plain numbers, which the safe loader reads back."""
     import random
 
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return _plain_rng(state)
+
+
+def _plain_rng(state):
+    """python's (version, 625 ints, gauss) and numpy's (name, uint32 keys, pos, has_gauss,
+    gauss) -> lists of ints, floats and int64 tensors; torch's states are tensors already."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    python = [int(version), torch.tensor(internal, dtype=torch.int64), gauss]
+    numpy = [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+             int(has_gauss), float(cached)]  # fmt: skip
+    return dict(state, python=python, numpy=numpy)
 
 
 def set_rng_state(state):
     import random
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -392,17 +473,29 @@ def check_resume(saved, new, keys=RESUME_KEYS, allow_change=False):
 @dataclass
 class Config:
     path: str = "out"  # a checkpoint file or a run directory (also positional)
-    adopt: str = ""  # give this checkpoint, written before they carried one, a checksum
+    adopt: str = ""  # convert this checkpoint of an earlier format (no checksum, numpy RNG states)
 
 
 def adopt(path):
-    """Give a checkpoint written without a checksum one, after checking its weights."""
-    state, why = _read(path)
-    if why != "has no checksum":
-        raise UserError(f"{path} {why or 'already has a checksum'}: nothing to adopt")
+    """Bring a checkpoint of an earlier format up to date: numpy RNG states -> plain values,
+    and a checksum. It is read with the safe loader plus the three numpy types that format
+    held, nothing else; a checksum it carries is checked first, and its weights."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    state, why = _read(path, allow=[core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                    np.dtypes.UInt32DType])  # fmt: skip
+    if why not in ("has no checksum", None) and not why.startswith("fails its checksum"):
+        raise UserError(f"{path} {why}: not a checkpoint to adopt")
+    old_rng = isinstance(state.get("rng", {}).get("numpy"), tuple)
+    if why is None and not old_rng:
+        raise UserError(f"{path} is already a verified plain checkpoint: nothing to adopt")
+    if why and why.startswith("fails"):  # the earlier format's checksum covered the same content
+        raise UserError(f"{path} {why}: not adopted")
     if bad := non_finite(state["model"]) or non_finite(state.get("optimizer"), "optimizer"):
         raise UserError(f"{path}: {bad} holds nan/inf; not a checkpoint to continue from")
     state["model"] = clean_state_dict(state["model"])
+    if old_rng:
+        state["rng"] = _plain_rng(state["rng"])
+    check_plain(state)
     state["sha256"] = content_hash(state)
     return _write(Path(path), state)
 
@@ -412,7 +505,10 @@ def main(cfg):
         path = Path(cfg.adopt)
         if not CKPT_RE.match(path.name) or not path.is_file():
             raise UserError(f"--adopt needs a checkpoint file named ckpt_NNNNNN.pt, not {path}")
-        print(f"added a checksum to {adopt(path)}")
+        print(
+            f"adopted {adopt(path)}: added a checksum, RNG states as plain values (it was "
+            "read with the safe loader and numpy arrays only: nothing else unpickled)"
+        )
         return dict(adopted=str(path))
     path = Path(cfg.path)
     found = list_checkpoints(path) if path.is_dir() else [path]

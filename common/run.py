@@ -1,32 +1,57 @@
 """A training run's bookkeeping (stage 07 and later): one writer per --out, checkpoints and an
-exact --resume, metrics.jsonl (and an optional tracker), the non-finite guard, MFU and ETA.
+exact --resume, metrics.jsonl (and an optional tracker), the non-finite guard, MFU and ETA,
+and what clusters do to a run: restarts, preemption, a full disk.
 
     run = start_run(cfg, raw_model, optimizer, train_loader, master)   # before the loop
     for step in range(run.start_step, cfg.steps):
         ...
         run.check_finite(step, loss, norm, scaler)   # before optimizer.step()
         run.log(step=step, split="train", loss=...)  # rank 0 writes; other ranks do nothing
-        run.save(step + 1)                           # rank 0 writes the checkpoint
+        if (preempted := run.preempted()) or ...:    # every rank, after every step
+            run.save(step + 1)                       # rank 0 writes the checkpoint
+        if preempted:
+            run.stop(step + 1)                       # exits with PREEMPTED (75)
     run.close()
 
 `cfg` is stage 07's Config (out, resume, allow_config_change, keep_last, total_batch,
 seq_len, steps, wandb). What a resume must match, and what it may change when
 --allow-config-change says so, is common.checkpoint.check_resume's list.
+
+Faults, and what the run does:
+  a worker dies   under `torchrun --max-restarts=N` the workers are started again with
+                  TORCHELASTIC_RESTART_COUNT > 0: start_run then resumes from the newest
+                  checkpoint in --out that verifies, whatever --resume says (nothing there:
+                  a fresh start). `--resume auto` does the same for schedulers that re-run
+                  the command (SLURM --requeue, spot instances).
+  preemption      SIGTERM or SIGUSR1 on any rank is noted, not fatal; preempted(), after each
+                  step, all-reduces the flags, so every rank stops after the same step: rank 0
+                  writes one checkpoint, all exit with PREEMPTED (75, EX_TEMPFAIL).
+  a full disk     save() refuses to start a checkpoint the disk has no room for (less free
+                  than the newest checkpoint), and a save that fails (ENOSPC, I/O error)
+                  leaves no temp file; either way every rank stops before the next step, rank
+                  0 with one line naming the path and the space a checkpoint needs.
 """
 
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from common import UserError, bench
 from common.checkpoint import (
-    RunLock, check_resume, list_checkpoints, load_checkpoint, newest_good_checkpoint,
+    RunLock, check_plain, check_resume, list_checkpoints, load_checkpoint, newest_good_checkpoint,
     prune_checkpoints, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
 )  # fmt: skip
 from common.train import MetricsLog, make_tracker, print0
+
+PREEMPTED = 75  # exit code after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "run it again"
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))
 
 
 class Run:
@@ -34,7 +59,8 @@ class Run:
         self.cfg, self.model, self.optimizer, self.loader = cfg, model, optimizer, loader
         self.master, self.lock, self.metrics = master, None, None
         self.start_step, self.start_tokens, self.newest = 0, 0, None
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
+        self.signal, self._handlers = None, {}  # the stop signal this process got; old handlers
         self.world_size = torch.distributed.get_world_size() if _distributed() else 1
         self.flops = bench.flops_per_token(model, cfg.seq_len)  # per token, forward + backward
         self.peak = bench.known_peak(device)[1]  # the GPU's datasheet bf16 FLOP/s, or None
@@ -63,17 +89,68 @@ class Run:
         )
 
     def save(self, step):
-        """Rank 0: checkpoint after `step` steps, then prune to --keep-last."""
-        if not self.master:
-            return None
-        self.newest = save_checkpoint(
-            self.cfg.out, step, self.model, self.model.config, optimizer=self.optimizer.state_dict(),
-            config=asdict(self.cfg), loader=self.loader.state_dict(), rng=rng_state(),
-            tokens=self.tokens_at(step),
-        )  # fmt: skip
-        prune_checkpoints(self.cfg.out, self.cfg.keep_last)
-        print(f"saved {self.newest}")
+        """Every rank calls it; rank 0 writes the checkpoint after `step` steps, then prunes to
+        --keep-last. When that fails (a full disk, nan/inf), every rank stops here: rank 0
+        with its one-line UserError, the others quietly (exit code 1)."""
+        error = None
+        if self.master:
+            try:
+                self.newest = save_checkpoint(
+                    self.cfg.out, step, self.model, self.model.config,
+                    optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
+                    loader=self.loader.state_dict(), rng=rng_state(), tokens=self.tokens_at(step),
+                )  # fmt: skip
+                prune_checkpoints(self.cfg.out, self.cfg.keep_last)
+                print(f"saved {self.newest}")
+            except UserError as e:
+                error = e
+        if self.world_size > 1 and self._any(error is not None) and error is None:
+            raise SystemExit(1)  # rank 0 failed to save and says why
+        if error:
+            raise error
         return self.newest
+
+    def _any(self, flag):
+        """Whether `flag` is true on any rank (an all-reduce: every rank must call it)."""
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def catch_signals(self):
+        """SIGTERM (SLURM, Kubernetes, spot instances, torchrun shutting down) and SIGUSR1
+        (e.g. `scancel --signal=USR1`) no longer end the process mid-step: they are noted, and
+        preempted() stops the run after the step; a second one ends the process at once.
+        close() puts the old handlers back."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:  # the second one: as if nothing caught it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint",
+              flush=True)  # fmt: skip
+
+    def preempted(self):
+        """Every rank, after every step: whether a stop signal reached any rank. One flag
+        all-reduced, so all ranks agree on the step they stop after."""
+        got = self.signal is not None
+        return self._any(got) if self.world_size > 1 else got
+
+    def stop(self, step):
+        """After preempted() and save(step): wait for rank 0's checkpoint, then exit with
+        PREEMPTED (75). The same command (with --resume auto) continues exactly."""
+        if self.world_size > 1:
+            dist.barrier()  # no rank leaves before the checkpoint is on disk
+        name = signal.Signals(self.signal).name if self.signal else "a signal to another rank"
+        print0(f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
+               f"{PREEMPTED}; run the same command with --resume auto to continue")  # fmt: skip
+        self.close()
+        if _distributed():
+            dist.destroy_process_group()
+        raise SystemExit(PREEMPTED)
 
     def mfu(self, dt):
         """Model FLOPs utilization of one optimizer step of dt seconds, per GPU."""
@@ -95,25 +172,54 @@ class Run:
             self.metrics.close()
         if self.lock:
             self.lock.release()
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
 
 
 def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def restarted():
+    """Whether torchrun started this worker again after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def _load_newest_good(out):
+    """--out's newest checkpoint; when it does not verify, the newest older one that does,
+    said aloud: an unattended restart goes on from there rather than end the run."""
+    try:
+        return load_checkpoint(out)
+    except UserError as e:
+        good = newest_good_checkpoint(out, before=list_checkpoints(out)[-1])
+        if good is None:
+            raise
+        print0(f"warning: {e}; resuming from {good}")
+        return load_checkpoint(good)
+
+
 def start_run(cfg, model, optimizer, loader, master):
     """Take --out (rank 0 holds its lock for the run's life), clear what killed saves left,
     then start fresh (refused if --out holds another run's checkpoints) or --resume: weights,
-    optimizer moments, step, data position and RNG states as saved. Returns the Run."""
+    optimizer moments, step, data position and RNG states as saved. A torchrun restart and
+    --resume auto resume from --out's newest good checkpoint when there is one, else start
+    fresh. Stop signals are caught from here on (see Run.preempted). Returns the Run."""
     run = Run(cfg, model, optimizer, loader, master)
+    check_plain(loader.state_dict(), "loader")  # now, not at the first checkpoint hours in
     if master:
         run.lock = RunLock(cfg.out).acquire()  # a second run into this --out is refused here
         files, size = remove_stale_temps(cfg.out)
         if files:
             print(f"removed {files} unfinished checkpoint temp file(s), {size / 2**20:,.1f} MB")
-    changes = []
-    if cfg.resume:
+    changes, auto = [], cfg.resume == "auto" or restarted()
+    if auto and list_checkpoints(cfg.out):
+        ckpt = _load_newest_good(cfg.out)  # verified
+    elif cfg.resume not in ("", "auto"):
         ckpt = load_checkpoint(cfg.out if cfg.resume == "latest" else cfg.resume)  # verified
+    else:
+        ckpt = None
+    if ckpt:
         if ckpt["model_config"] != asdict(model.config):
             raise UserError(f"{ckpt['path']} holds another model ({ckpt['model_config']}): "
                             "resume with the same --preset")  # fmt: skip
@@ -131,7 +237,10 @@ def start_run(cfg, model, optimizer, loader, master):
         print0(f"resumed from step {run.start_step} ({ckpt['path']})")
     elif found := list_checkpoints(cfg.out):  # never overwrite another run's checkpoints
         raise UserError(f"{cfg.out} already holds checkpoints (newest {found[-1].name}): "
-                        "add --resume to continue that run, or choose another --out")  # fmt: skip
+                        "add --resume (or --resume auto) to continue that run, or choose "
+                        "another --out")  # fmt: skip
+    elif auto:
+        print0(f"no checkpoint in {cfg.out} yet: starting fresh")
     if master:
         tracker = make_tracker("wandb" if cfg.wandb else None, project=cfg.wandb,
                                run_name=Path(cfg.out).name, config=asdict(cfg))  # fmt: skip
@@ -139,4 +248,5 @@ def start_run(cfg, model, optimizer, loader, master):
         if changes:  # --allow-config-change: the file says what changed, and where
             run.log(step=run.start_step, split="config_change", changes=changes)
             print(f"resuming with changed settings: {'; '.join(changes)}")
+    run.catch_signals()
     return run

@@ -17,22 +17,6 @@ from common.checkpoint import list_checkpoints, load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, shakespeare):
-    """Token shards made from tiny shakespeare's paragraphs by the real prep code: ~20k
-    tokens in shards of 4,000, so the runs below cross from one shard to the next."""
-    from common import fineweb
-    from common.data import split_documents
-
-    tmp = tmp_path_factory.mktemp("shards")
-    docs = split_documents(shakespeare.read_text())  # as `python -m common.data --docs-jsonl`
-    with open(tmp / "docs.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    fineweb.main(fineweb.Config(data_files=str(tmp / "docs.jsonl"), out_dir=str(tmp / "data"),
-                                shard_size=4_000, workers=1))  # fmt: skip
-    return tmp / "data"
-
-
-@pytest.fixture(scope="module")
 def s07():
     return load_stage("07_ddp_fineweb")
 
