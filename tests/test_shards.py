@@ -72,7 +72,7 @@ def test_state_dict_resumes_exactly(tmp_path):
             for _ in range(stop):
                 [loader.next_batch() for loader in a]
             states = [loader.state_dict() for loader in a]
-            assert states[0] == states[-1] and set(states[0]) == {"shard", "pos", "file"}
+            assert states[0] == states[-1] and set(states[0]) == {"epoch", "shard", "file", "window", "seed"}
             b = [ShardLoader(d, "train", B, T, r, world_size) for r in range(world_size)]
             for loader, state in zip(b, states):
                 loader.load_state_dict(dict(state))
@@ -129,7 +129,8 @@ def test_errors(tmp_path):
     assert one.state_dict()["file"] == "edufineweb_train_000001.npy"
     skipping = ShardLoader(make_shards(tmp_path / "skip", [16, 50]), "train", B, T, world_size=2)
     skipping.load_state_dict({"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"})
-    assert skipping.state_dict() == {"shard": 0, "pos": 0, "file": "edufineweb_train_000002.npy"}
+    assert skipping.state_dict() == dict(epoch=0, shard=0, file="edufineweb_train_000002.npy",
+                                         window=0, seed=0)  # fmt: skip
 
     loader = ShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="does not match the 2 shards"):
@@ -140,8 +141,9 @@ def test_state_from_a_bigger_step_moves_on(tmp_path):
     """A saved position that no longer leaves room for a step (the batch grew on resume)
     goes to the next shard, as next_batch would have."""
     loader = ShardLoader(make_shards(tmp_path, [40, 40]), "train", B, T)
-    loader.load_state_dict({"shard": 0, "pos": 32})  # 32 + 8 + 1 > 40
-    assert loader.state_dict() == {"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"}
+    loader.load_state_dict({"shard": 0, "window": 8})  # (8 + 2) windows of 4 need 41 tokens
+    assert loader.state_dict() == dict(epoch=0, shard=1, file="edufineweb_train_000002.npy",
+                                       window=0, seed=0)  # fmt: skip
     assert where(loader.next_batch()[0]) == (1, 0)
 
 
