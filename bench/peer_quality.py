@@ -65,6 +65,7 @@ class Config:
     work: str = ""  # where data and runs go (empty: a temp folder)
     json: str = ""  # results file, written after every run (empty: <work>/peer_quality.json)
     threads: int = 0  # torch threads per run (0: torch's default)
+    rescore: bool = False  # only score again the final models of the runs --json holds
 
 
 def python_corpus(target_tokens=338_025):
@@ -112,8 +113,20 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+def nanogpt_weights(cfg, work, seed):
+    ckpt = torch.load(work / "nanogpt" / f"out-seed{seed}" / "ckpt.pt", map_location="cpu",
+                      weights_only=True)  # fmt: skip
+    if ckpt["iter_num"] != cfg.steps:
+        raise UserError(f"nanoGPT's checkpoint is of iter {ckpt['iter_num']}, not {cfg.steps}")
+    return ckpt["model"]
+
+
+def ours_out(work, seed, shuffle):
+    return work / f"ours{'' if shuffle else '-consecutive'}-seed{seed}"
+
+
 def run_nanogpt(cfg, work, seed, env):
-    """nanoGPT's train.py in its own folder; returns (state dict path, seconds)."""
+    """nanoGPT's train.py in its own folder; returns (state dict, seconds)."""
     run = work / "nanogpt"
     for name in ("train.py", "model.py", "configurator.py"):
         (run / name).write_bytes((Path(cfg.peer) / name).read_bytes())
@@ -133,16 +146,13 @@ def run_nanogpt(cfg, work, seed, env):
                        env=env, capture_output=True, text=True)  # fmt: skip
     if p.returncode:
         raise UserError(f"nanoGPT failed (seed {seed}):\n{p.stderr[-2000:]}")
-    ckpt = torch.load(run / out / "ckpt.pt", map_location="cpu", weights_only=True)
-    if ckpt["iter_num"] != cfg.steps:
-        raise UserError(f"nanoGPT's checkpoint is of iter {ckpt['iter_num']}, not {cfg.steps}")
-    return ckpt["model"], time.time() - t0
+    return nanogpt_weights(cfg, work, seed), time.time() - t0
 
 
 def run_ours(cfg, work, seed, env, shuffle=True):
     """Our 07_ddp_fineweb.py with the same recipe; returns (state dict, seconds)."""
     r = RECIPE
-    out = work / f"ours{'' if shuffle else '-consecutive'}-seed{seed}"
+    out = ours_out(work, seed, shuffle)
     shutil.rmtree(out, ignore_errors=True)  # a run cut short before it was recorded: again
     args = ["--data-dir", str(work / "shards"), "--preset", "tiny", "--device", "cpu",
             "--batch-size", str(r["B"]), "--seq-len", str(r["T"]),
@@ -161,10 +171,14 @@ def run_ours(cfg, work, seed, env, shuffle=True):
 
 
 @torch.no_grad()
-def val_loss(state, val, T=256, batch=16):
+def val_loss(state, val, exact_gelu=False, T=256, batch=16):
     """The one evaluator: mean loss over every token of every window of the val split
-    (windows of T+1 tokens starting every T tokens), for any trainer's weights."""
+    (windows of T+1 tokens starting every T tokens), for any trainer's weights. nanoGPT's MLP
+    uses the exact GELU, ours GPT-2's tanh approximation: each model is scored with its own."""
     model = GPT(preset_config("tiny", tie_weights=True, vocab_size=50304, attn="sdpa"))
+    if exact_gelu:
+        for block in model.transformer.h:
+            block.mlp.gelu = torch.nn.GELU()
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or [k for k in unexpected if not k.endswith(".attn.bias")]:  # a causal mask
@@ -215,13 +229,23 @@ def main(cfg):
     results = [r for r in done.get("runs", []) if r.get("corpus") == cfg.corpus]
     for seed in range(cfg.seeds):  # seeds outermost: a cut-short run still compares all
         for t in trainers:
-            if any(r["trainer"] == t and r["seed"] == seed for r in results):
+            old = [r for r in results if r["trainer"] == t and r["seed"] == seed]
+            if old and not cfg.rescore:
                 continue
-            if t == "nanogpt":
+            if cfg.rescore:
+                if not old:
+                    continue
+                results.remove(old[0])
+                secs = old[0]["seconds"]
+                if t == "nanogpt":
+                    state = nanogpt_weights(cfg, work, seed)
+                else:
+                    state = load_checkpoint(ours_out(work, seed, t == "ours"))["model"]
+            elif t == "nanogpt":
                 state, secs = run_nanogpt(cfg, work, seed, env)
             else:
                 state, secs = run_ours(cfg, work, seed, env, shuffle=t == "ours")
-            loss, n = val_loss(state, val)
+            loss, n = val_loss(state, val, exact_gelu=t == "nanogpt")
             results.append(dict(corpus=cfg.corpus, trainer=t, seed=seed, val_loss=loss,
                                 val_tokens=n, seconds=round(secs, 1)))  # fmt: skip
             print(f"{t:>16} seed {seed}: val loss {loss:.4f} over {n:,} tokens ({secs:.0f} s)")

@@ -1,4 +1,5 @@
-"""Data: the GPT-2 tokenizer, one download helper, tiny shakespeare, a text batch loader."""
+"""Data: the GPT-2 tokenizer, one download helper, tiny shakespeare, a text batch loader, and
+the token-shard loader (in order, or shuffled afresh every epoch)."""
 
 import hashlib
 import os
