@@ -1,8 +1,9 @@
 """Stage 07: the real run: GPT-2 124M on 10B tokens of FineWeb-Edu, on 1 to N GPUs.
 
 New, written out below: DDP (torchrun starts one process per GPU; each reads its own share of
-the token shards, and gradients are averaged across processes on the last micro-step only)
-and validation. Samples, checkpoints with an exact --resume, metrics.jsonl and HellaSwag
+the token shards, and gradients are averaged across processes on the last micro-step only),
+training windows in a fresh seeded order every epoch, and validation (the same windows for any
+number of processes). Samples, checkpoints with an exact --resume, metrics.jsonl and HellaSwag
 come from common/. Shards come from `python -m common.fineweb` (shard 0 is validation).
 
 Run: torchrun --standalone --nproc_per_node=8 07_ddp_fineweb.py   (one GPU: python 07_ddp_fineweb.py)
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,12 +44,13 @@ class Config:
     weight_decay: float = 0.1  # AdamW decay on >= 2-D parameters only
     grad_clip: float = 1.0  # clip the global gradient norm to this
     total_batch: int = 524288  # tokens per optimizer step (2**19, as GPT-3); a multiple of B*T*GPUs
-    seed: int = 1337  # same seed, same weights, same run
+    seed: int = 1337  # same seed, same weights, same batches, same run
+    shuffle: bool = True  # training windows and shards in a fresh seeded order every epoch
     dtype: str = "bfloat16"  # autocast dtype: bfloat16, float16 (+ GradScaler) or float32 (off)
     compile: bool = True  # torch.compile the model (off on a CPU: compiling outlasts 40 steps)
     out: str = "out"  # checkpoints and metrics.jsonl go here (one run at a time)
     val_every: int = 250  # steps between validation losses (0: never)
-    val_steps: int = 20  # val batches per evaluation (x B x T x GPUs tokens)
+    val_steps: int = 20  # val batches of --total-batch tokens per evaluation, for any GPU count
     sample_every: int = 250  # steps between samples (0: never)
     hellaswag_every: int = 250  # steps between HellaSwag evaluations, all ranks share (0: never)
     hellaswag_limit: int = 0  # score only the first N val examples (0: all 10,042)
@@ -61,7 +64,7 @@ class Config:
     consts: ClassVar[dict] = dict(resume="latest")
     cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=40, max_lr=2e-3,
                                warmup_steps=5, total_batch=1024, compile=False, val_every=10,
-                               val_steps=4, sample_every=20, ckpt_every=20, hellaswag_every=0)  # fmt: skip
+                               val_steps=2, sample_every=20, ckpt_every=20, hellaswag_every=0)  # fmt: skip
     rules: ClassVar[dict] = dict(hellaswag_protocol=hellaswag.CHOICES)
 
 
@@ -82,9 +85,19 @@ def setup_ddp(device):
     return Dist(rank, local_rank, world_size, device, enabled=True)
 
 
+def shuffled_windows(n_tokens, seq_len, seed):
+    """One shard's window starts (T+1 tokens each: inputs and targets) for one epoch, each
+    once, in a seeded random order; a random offset 0..T-1 moves the window boundaries. In
+    order, every epoch would end, at the lowest learning rate, on the same stretch of text."""
+    rng = np.random.default_rng(seed)  # seed: (run seed, epoch, shard): a fresh order each epoch
+    offset = int(rng.integers(seq_len))
+    return offset + seq_len * rng.permutation((n_tokens - 1 - offset) // seq_len)
+
+
 @torch.no_grad()
 def evaluate_val(model, loader, autocast, steps, ddp):
-    """Mean loss over the first `steps` val batches (the same every time), averaged over ranks."""
+    """Mean loss over the first `steps` val micro-steps (the same every time), averaged over
+    ranks: with steps x B x T x GPUs a fixed total, the same windows on any number of GPUs."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=ddp.device)
@@ -111,10 +124,11 @@ def main(cfg):
     if cfg.total_batch % (B * T * ddp.world_size):
         raise UserError(f"--total-batch {cfg.total_batch} is not a multiple of B*T*GPUs = {B * T * ddp.world_size}")  # fmt: skip
     accum_steps = cfg.total_batch // (B * T * ddp.world_size)  # micro-batches per optimizer step
-    train_loader = ShardLoader(
-        cfg.data_dir, "train", B, T, ddp.rank, ddp.world_size, cfg.total_batch
-    )
-    val_loader = ShardLoader(cfg.data_dir, "val", B, T, ddp.rank, ddp.world_size)
+    shuffle = shuffled_windows if cfg.shuffle else None  # None: consecutive, as stage 03
+    train_loader = ShardLoader(cfg.data_dir, "train", B, T, ddp.rank, ddp.world_size,
+                               cfg.total_batch, shuffle=shuffle, seed=cfg.seed)  # fmt: skip
+    val_loader = ShardLoader(cfg.data_dir, "val", B, T, ddp.rank, ddp.world_size, cfg.total_batch)
+    val_steps = cfg.val_steps * accum_steps  # micro-steps: val_steps x total_batch tokens in all
 
     torch.set_float32_matmul_precision("high")  # tf32: fp32 matmuls on tensor cores (10-bit)
     dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
@@ -139,7 +153,7 @@ def main(cfg):
     for step in range(run.start_step, cfg.steps):
         last, tokens = step == cfg.steps - 1, run.tokens_at(step)
         if cfg.val_every and (step % cfg.val_every == 0 or last):
-            val_losses[step] = evaluate_val(model, val_loader, autocast, cfg.val_steps, ddp)
+            val_losses[step] = evaluate_val(model, val_loader, autocast, val_steps, ddp)
             print0(f"step {step:5d} | val loss {val_losses[step]:.4f}")
             run.log(step=step, split="val", loss=val_losses[step], tokens=tokens)
         if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):

@@ -1,4 +1,5 @@
-"""Data: the GPT-2 tokenizer, one download helper, tiny shakespeare, a text batch loader."""
+"""Data: the GPT-2 tokenizer, one download helper, tiny shakespeare, a text batch loader, and
+the token-shard loader (in order, or shuffled afresh every epoch)."""
 
 import hashlib
 import os
@@ -134,22 +135,36 @@ def shard_files(data_dir, split):
     return files
 
 
+def shuffled_windows(n_tokens, seq_len, seed):
+    """Stage 07's, as 07_ddp_fineweb.py writes it (a test keeps the two the same).
+    One shard's window starts for one epoch, in a seeded random order. A window is T+1 tokens
+    (T inputs and, one token later, their T targets); a random offset 0..T-1 moves the window
+    boundaries every epoch; every window comes once, and only the tail after the last whole
+    window (< T tokens) and the offset are left out."""
+    rng = np.random.default_rng(seed)  # seed: (run seed, epoch, shard): a fresh order each epoch
+    offset = int(rng.integers(seq_len))
+    return offset + seq_len * rng.permutation((n_tokens - 1 - offset) // seq_len)
+
+
 class ShardLoader:
     """Serves (B, T) batches from uint16 token shards, one rank's share under DDP, resumable.
 
-    One micro-step reads B*T*world_size consecutive tokens: rank r takes the window starting
-    at pos + r*B*T, so the ranks see disjoint data and together the same tokens one process
-    would see with world_size times the batch. `step_tokens` is the optimizer step's total
-    batch (all ranks, all micro-steps; default one micro-step): shards change only between
-    optimizer steps, when the next whole step would run off the end of the shard (the last
-    wraps to the first; the few tokens left are skipped). So 1 process x k micro-steps and
-    k processes x 1 read the same tokens for any shard size. state_dict() is the position,
+    A shard is cut into windows of T+1 tokens starting every T tokens: in order, or with
+    `shuffle` (a function like `shuffled_windows`, seeded by `seed`) in a fresh random order
+    every epoch, the shards too. One micro-step takes the next B*world_size windows: rank r
+    the r-th B of them, so the ranks never read the same window and together read what one
+    process would with world_size times the batch. `step_tokens` is the optimizer step's
+    total batch (all ranks, all micro-steps; default one micro-step): shards change only
+    between optimizer steps, when the next whole step would run out of windows (the last
+    shard wraps to the first, the next epoch; the few windows left are skipped). So 1 process
+    x k micro-steps and k processes x 1 read the same tokens for any shard size. state_dict()
+    is the position (epoch, shard, window, seed: plain ints, the orders are recomputed),
     taken between optimizer steps, enough to continue exactly. A shard holding an id >=
     vocab_size (another tokenizer's, or a damaged file) is refused when it is first read: as
     an embedding index it would crash or silently poison the run."""
 
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, step_tokens=0,
-                 vocab_size=GPT2_VOCAB):  # fmt: skip
+                 vocab_size=GPT2_VOCAB, shuffle=None, seed=0):  # fmt: skip
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.micro_tokens = batch_size * seq_len * world_size  # all ranks, one micro-step
@@ -158,20 +173,21 @@ class ShardLoader:
             raise UserError(
                 f"total batch {self.step_tokens} is not a multiple of B*T*GPUs = {self.micro_tokens}"
             )
+        self.step_windows = self.step_tokens // seq_len
+        self.shuffle, self.seed = shuffle, seed
+        need = self.step_tokens + 1 + (seq_len - 1 if shuffle else 0)  # the offset takes < T
         self.vocab_size = vocab_size  # GPT-2's ids; a padded vocab (50304) has no more tokens
         self.scanned = set()  # shards whose ids were checked: a full read, so once each
         self.files = []
         for path in shard_files(data_dir, split):  # check all now (headers only), not hours in
-            if len(self._open(path, scan=False)) >= self.step_tokens + 1:
+            if len(self._open(path, scan=False)) >= need:
                 self.files.append(path)
             elif rank == 0:  # e.g. the last, partial shard of a prep: harmless, say so
-                print(
-                    f"skipping {path.name}: fewer tokens than one step needs ({self.step_tokens + 1:,})"
-                )
+                print(f"skipping {path.name}: fewer tokens than one step needs ({need:,})")
         if not self.files:
             raise UserError(
                 f"every '{split}' shard in {data_dir} holds fewer tokens than one step needs "
-                f"(total batch + 1 = {self.step_tokens + 1:,}): lower --batch-size, --seq-len or "
+                f"({need:,} tokens): lower --batch-size, --seq-len or "
                 "--total-batch, or make bigger shards (--shard-size)"
             )
         self.reset()
@@ -201,44 +217,67 @@ class ShardLoader:
             self.scanned.add(path)
         return tokens
 
-    def _load(self, shard, pos):
-        self.shard, self.pos, self.in_step = shard, pos, 0
-        self.tokens = self._open(self.files[shard])
+    def _order(self, epoch):
+        """The shards of an epoch: in order, or with shuffle a fresh seeded permutation."""
+        if self.shuffle is None:
+            return list(range(len(self.files)))
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.files)).tolist()
+
+    def _load(self, epoch, k, window):
+        """Go to window `window` of the k-th shard of `epoch`'s order."""
+        self.epoch, self.k, self.window, self.in_step = epoch, k, window, 0
+        self.shard = self._order(epoch)[k]
+        self.tokens = self._open(self.files[self.shard])
+        if self.shuffle is None:  # consecutive windows: one T-token stride after another
+            self.starts = self.T * np.arange((len(self.tokens) - 1) // self.T)
+        else:
+            self.starts = self.shuffle(len(self.tokens), self.T, (self.seed, epoch, self.shard))
+
+    def _next_shard(self):
+        if self.k + 1 < len(self.files):
+            self._load(self.epoch, self.k + 1, 0)
+        else:  # every shard read: the next epoch (a new order when shuffling)
+            self._load(self.epoch + 1, 0, 0)
 
     def reset(self):
         """Back to the start of the first shard (e.g. before each validation pass)."""
-        self._load(0, 0)
+        self._load(0, 0, 0)
 
     def next_batch(self):
         B, T = self.B, self.T
-        start = self.pos + self.rank * B * T  # this rank's window within the micro-step
-        buf = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
-        x = buf[:-1].view(B, T)  # inputs
-        y = buf[1:].view(B, T)  # targets: the next token of each input
-        self.pos += self.micro_tokens
+        first = self.window + self.rank * B  # this rank's windows within the micro-step
+        rows = [self.tokens[s : s + T + 1] for s in self.starts[first : first + B]]
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        x = buf[:, :-1].contiguous()  # inputs
+        y = buf[:, 1:].contiguous()  # targets: the next token of each input
+        self.window += B * self.world_size
         self.in_step = (self.in_step + self.micro_tokens) % self.step_tokens
-        if self.in_step == 0 and self.pos + self.step_tokens + 1 > len(self.tokens):
-            self._load((self.shard + 1) % len(self.files), 0)  # the next step won't fit: next shard
+        if self.in_step == 0 and self.window + self.step_windows > len(self.starts):
+            self._next_shard()  # the next step won't fit in this shard
         return x, y
 
     def state_dict(self):
         # the file name too: the index alone could point elsewhere if another batch size or
         # world size skips a different set of too-small shards on resume
-        return {"shard": self.shard, "pos": self.pos, "file": self.files[self.shard].name}
+        return {"epoch": self.epoch, "shard": self.shard, "file": self.files[self.shard].name,
+                "window": self.window, "seed": self.seed}  # fmt: skip
 
     def load_state_dict(self, state):
-        shard, pos = int(state["shard"]), int(state["pos"])
+        shard, epoch = int(state["shard"]), int(state.get("epoch", 0))
+        # "pos": a token position, as checkpoints written before shuffling held it
+        window = int(state["window"]) if "window" in state else int(state["pos"]) // self.T
         names = [p.name for p in self.files]
         if state.get("file") in names:
             shard = names.index(state["file"])
-        if not 0 <= shard < len(self.files) or pos < 0:
+        if not 0 <= shard < len(self.files) or window < 0 or epoch < 0:
             raise UserError(
                 f"loader state {state} does not match the {len(self.files)} shards here; "
                 "resume with the data the run started with"
             )
-        self._load(shard, pos)
-        if self.pos + self.step_tokens + 1 > len(self.tokens):  # e.g. a bigger batch than before
-            self._load((shard + 1) % len(self.files), 0)
+        self.seed = int(state.get("seed", self.seed))  # the run's order, whatever --seed says now
+        self._load(epoch, self._order(epoch).index(shard), window)
+        if self.window + self.step_windows > len(self.starts):  # e.g. a bigger batch than before
+            self._next_shard()
 
 
 # ---- `python -m common.data`: the inputs the stages read, fetched or made once -----------

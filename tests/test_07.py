@@ -75,12 +75,13 @@ def test_07_trains_validates_samples_and_saves(s07, shards, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
-def test_07_keep_last_prunes(s07, shards, tmp_path):
+def test_07_keep_last_prunes(s07, shards, tmp_path, capsys):
     out = tmp_path / "run"
     s07.main(
         small(s07, shards, out, steps=5, ckpt_every=1, keep_last=2, val_every=0, sample_every=0)
     )
     assert [p.name for p in list_checkpoints(out)] == ["ckpt_000004.pt", "ckpt_000005.pt"]
+    assert "val loss n/a (not evaluated)" in capsys.readouterr().out  # no made-up number
 
 
 def test_07_refuses_to_overwrite_and_bad_data(s07, shards, tmp_path):
@@ -154,10 +155,11 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
 
 
 def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path, cache_env):
-    """2 processes x 1 micro-step == 1 process x 2 micro-steps, over several steps."""
+    """2 processes x 1 micro-step == 1 process x 2 micro-steps, over several steps, with the
+    shuffled order (07's default); and the same val loss: one fixed set of val windows."""
     common_args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
                    "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch",
-                   "256", "--steps", "4", "--val-every", "0", "--sample-every", "0",
+                   "256", "--steps", "4", "--val-every", "2", "--sample-every", "0",
                    "--dtype", "float32", "--hellaswag-every", "3", "--hellaswag-data",
                    str(HELLASWAG)]  # fmt: skip
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
@@ -172,11 +174,13 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
         "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one.stdout
     )
     assert two.stdout.count("summary:") == 1  # rank 0 alone prints
-    assert "val loss n/a (not evaluated)" in one.stdout  # --val-every 0: no made-up number
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, abs=1e-5)
+    va, vb = ({r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "val"}
+              for run in ("one", "two"))  # fmt: skip
+    assert list(va) == [0, 2, 3] and va == pytest.approx(vb, abs=1e-5)  # step 0: same weights
     # HellaSwag split across 2 ranks and all-reduced: the same counts as one process
     ha = [
         (r["step"], r["n"], r["nanogpt_correct"], r["lm_eval_correct_norm"])

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, load_stage
 
 from common import bench
-from common.data import TextLoader
+from common.data import ShardLoader, TextLoader, shuffled_windows
 from common.model import GPT, GPT2_VOCAB, gpt2_init, preset_config
 from common.train import lr_at, make_optimizer, setup_ddp
 
@@ -32,7 +32,8 @@ LESSONS = {
     ("03_dataloader", "04_best_practices"): (40, "model.transformer.wte.weight = model.lm_head.weight"),
     ("04_best_practices", "05_speedups"): (80, 'torch.set_float32_matmul_precision("high")'),
     ("05_speedups", "06_hyperparams"): (80, "math.cos(math.pi * progress)"),
-    ("06_hyperparams", "07_ddp_fineweb"): (200, 'dist.init_process_group(backend="nccl")'),
+    # 07: DDP and validation, and (issue 20) the shuffled order: 18 lines more than 200
+    ("06_hyperparams", "07_ddp_fineweb"): (215, 'dist.init_process_group(backend="nccl")'),
 }  # fmt: skip
 ALSO = {  # more of each lesson's code that must be in its diff
     ("04_best_practices", "05_speedups"): ["torch.autocast(", "torch.compile(", 'attn="sdpa"',
@@ -40,7 +41,8 @@ ALSO = {  # more of each lesson's code that must be in its diff
     ("05_speedups", "06_hyperparams"): ["p.dim() >= 2", "fused=fused", "clip_grad_norm_",
                                         "loss / accum_steps"],
     ("06_hyperparams", "07_ddp_fineweb"): ['os.environ["RANK"]', "require_backward_grad_sync",
-                                          "DDP(model", "def evaluate_val"],
+                                          "DDP(model", "def evaluate_val",
+                                          "def shuffled_windows", "rng.permutation("],
 }  # fmt: skip
 
 
@@ -205,3 +207,20 @@ def test_07_ddp_setup_equals_common(monkeypatch):
 
 def test_vocab_constant():
     assert GPT2_VOCAB == 50257 and preset_config("gpt2").vocab_size == GPT2_VOCAB
+
+
+def test_07_shuffle_equals_common(tmp_path):
+    """07's shuffled_windows is common's: the same code, the same orders, the same batches."""
+    import numpy as np
+
+    s07 = load_stage("07_ddp_fineweb")
+    assert s07.shuffled_windows.__code__.co_code == shuffled_windows.__code__.co_code
+    for n, T, seed in ((1000, 16, (1337, 0, 0)), (1000, 16, (1337, 1, 0)), (5000, 64, (3, 2, 7))):
+        a, b = s07.shuffled_windows(n, T, seed), shuffled_windows(n, T, seed)
+        assert np.array_equal(a, b) and len(set(a.tolist())) == len(a) == (n - 1 - a.min() % T) // T
+    np.save(tmp_path / "x_train_000001.npy", np.arange(3000, dtype=np.uint16))
+    ours, theirs = (ShardLoader(tmp_path, "train", 4, 16, shuffle=f, seed=1)
+                    for f in (s07.shuffled_windows, shuffled_windows))  # fmt: skip
+    for _ in range(100):  # past the end of the epoch
+        assert torch.equal(ours.next_batch()[0], theirs.next_batch()[0])
+    assert s07.Config().shuffle is True  # on by default in the real run

@@ -1,11 +1,14 @@
-"""ShardLoader: rank-aware batches from uint16 token shards, shard crossing, wrap, resume."""
+"""ShardLoader: rank-aware batches from uint16 token shards, shard crossing, wrap, resume,
+and the shuffled order (fresh every epoch, seeded, resumable)."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from common import UserError
-from common.data import ShardLoader
+from common.data import ShardLoader, shuffled_windows
 
 B, T = 2, 4  # 8 tokens per rank per step
 
@@ -72,7 +75,13 @@ def test_state_dict_resumes_exactly(tmp_path):
             for _ in range(stop):
                 [loader.next_batch() for loader in a]
             states = [loader.state_dict() for loader in a]
-            assert states[0] == states[-1] and set(states[0]) == {"shard", "pos", "file"}
+            assert states[0] == states[-1] and set(states[0]) == {
+                "epoch",
+                "shard",
+                "file",
+                "window",
+                "seed",
+            }
             b = [ShardLoader(d, "train", B, T, r, world_size) for r in range(world_size)]
             for loader, state in zip(b, states):
                 loader.load_state_dict(dict(state))
@@ -129,7 +138,8 @@ def test_errors(tmp_path):
     assert one.state_dict()["file"] == "edufineweb_train_000001.npy"
     skipping = ShardLoader(make_shards(tmp_path / "skip", [16, 50]), "train", B, T, world_size=2)
     skipping.load_state_dict({"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"})
-    assert skipping.state_dict() == {"shard": 0, "pos": 0, "file": "edufineweb_train_000002.npy"}
+    assert skipping.state_dict() == dict(epoch=0, shard=0, file="edufineweb_train_000002.npy",
+                                         window=0, seed=0)  # fmt: skip
 
     loader = ShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="does not match the 2 shards"):
@@ -140,8 +150,9 @@ def test_state_from_a_bigger_step_moves_on(tmp_path):
     """A saved position that no longer leaves room for a step (the batch grew on resume)
     goes to the next shard, as next_batch would have."""
     loader = ShardLoader(make_shards(tmp_path, [40, 40]), "train", B, T)
-    loader.load_state_dict({"shard": 0, "pos": 32})  # 32 + 8 + 1 > 40
-    assert loader.state_dict() == {"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"}
+    loader.load_state_dict({"shard": 0, "window": 8})  # (8 + 2) windows of 4 need 41 tokens
+    assert loader.state_dict() == dict(epoch=0, shard=1, file="edufineweb_train_000002.npy",
+                                       window=0, seed=0)  # fmt: skip
     assert where(loader.next_batch()[0]) == (1, 0)
 
 
@@ -166,3 +177,92 @@ def test_one_process_with_accumulation_reads_what_two_processes_read(tmp_path, s
 def test_step_tokens_must_be_a_multiple_of_the_micro_step(tmp_path):
     with pytest.raises(UserError, match="not a multiple of B\\*T\\*GPUs"):
         ShardLoader(make_shards(tmp_path, [100]), "train", B, T, step_tokens=12)
+
+
+# ---- shuffled order (issue 20): every window once per epoch, seeded, resumable -------------
+
+
+def windows_of(x):
+    """(shard, start) of each row of a batch."""
+    return [(v // 1000 - 1, v % 1000) for v in x[:, 0].tolist()]
+
+
+def test_shuffled_epochs_read_every_window_once_in_a_new_order(tmp_path):
+    """2 ranks, 3 shards, 3 epochs: each epoch permutes the shards and, inside each, the
+    windows (T+1 consecutive tokens); no window twice in an epoch, none read by both ranks,
+    at most one step's windows skipped per shard; the offset moves the window boundaries."""
+    sizes = [101, 77, 130]
+    d = make_shards(tmp_path, sizes)
+    step = 2 * B * T  # one micro-step of 2 ranks: 4 windows
+    ranks = [ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=5)
+             for r in (0, 1)]  # fmt: skip
+    epochs = {}  # epoch -> shard order and the windows read
+    while ranks[0].epoch < 3:
+        epoch, shard = ranks[0].epoch, ranks[0].shard
+        seen = epochs.setdefault(epoch, {"order": [], "windows": []})
+        if not seen["order"] or seen["order"][-1] != shard:
+            seen["order"].append(shard)
+        for loader in ranks:
+            x, y = loader.next_batch()
+            assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)  # T+1 in a row
+            seen["windows"] += windows_of(x)
+    orders = [tuple(epochs[e]["order"]) for e in range(3)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders) and len(set(orders)) > 1
+    for e in range(3):
+        got = epochs[e]["windows"]
+        assert len(got) == len(set(got))  # no window twice in an epoch, across both ranks
+        for shard, n in enumerate(sizes):
+            starts = sorted(s for k, s in got if k == shard)
+            offset = starts[0] % T
+            assert offset < T and all(s % T == offset for s in starts)  # one grid per epoch
+            left = (n - 1 - offset) // T - len(starts)  # windows of the shard not read
+            assert 0 <= left < step // T  # less than one step's worth
+    first = [s for k, s in epochs[0]["windows"] if k == epochs[0]["order"][0]]
+    assert first != sorted(first)  # shuffled, not in order
+    grids = {(e, k): {s % T for kk, s in epochs[e]["windows"] if kk == k} for e in range(3) for k in range(3)}  # fmt: skip
+    assert len({min(g) for g in grids.values()}) > 1  # the offset moves between epochs
+
+
+def test_shuffled_is_seeded_and_resumes_exactly_across_epochs(tmp_path):
+    d = make_shards(tmp_path, [41, 27, 33])
+
+    def loader(seed=1, world_size=1, rank=0):
+        return ShardLoader(d, "train", B, T, rank, world_size, shuffle=shuffled_windows, seed=seed)
+
+    def run(a, n):
+        return [a.next_batch()[0] for _ in range(n)]
+
+    ref = run(loader(), 30)  # 30 steps: about 4 epochs of the 3 shards
+    assert all(torch.equal(a, b) for a, b in zip(ref, run(loader(), 30)))  # same seed
+    assert not all(torch.equal(a, b) for a, b in zip(ref, run(loader(seed=2), 30)))
+    for stop in (0, 3, 7, 11, 16):
+        a = loader()
+        run(a, stop)
+        state = a.state_dict()
+        assert json.loads(json.dumps(state)) == state  # plain types: weights_only loads them
+        b = loader(seed=99)  # the seed comes from the state
+        b.load_state_dict(state)
+        assert all(torch.equal(x, y) for x, y in zip(ref[stop:], run(b, 30 - stop)))
+    assert a.state_dict()["epoch"] >= 1
+
+
+@pytest.mark.parametrize("sizes", [[101, 77, 130], [64, 200, 33]])
+def test_shuffled_one_process_with_accumulation_reads_what_two_processes_read(tmp_path, sizes):
+    d = make_shards(tmp_path, sizes)
+    step = 2 * B * T
+    one = ShardLoader(d, "train", B, T, step_tokens=step, shuffle=shuffled_windows, seed=7)
+    two = [ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=7)
+           for r in (0, 1)]  # fmt: skip
+    for _ in range(60):  # several epochs
+        a = torch.cat([one.next_batch()[0] for _ in range(2)])  # micro-steps 0 and 1
+        x0, x1 = (loader.next_batch()[0] for loader in two)  # ranks 0 and 1
+        assert torch.equal(a, torch.cat([x0, x1]))
+        assert not set(windows_of(x0)) & set(windows_of(x1))  # ranks never share a window
+        assert one.state_dict() == two[0].state_dict() == two[1].state_dict()
+
+
+def test_shuffle_needs_room_for_the_offset(tmp_path):
+    """A shard must hold one step + T tokens when shuffling (the offset takes up to T-1)."""
+    d = make_shards(tmp_path, [50, 9, 11])  # one step: 8 tokens + 1; + T-1 = 3 more: 12
+    assert len(ShardLoader(d, "train", B, T).files) == 3
+    assert len(ShardLoader(d, "train", B, T, shuffle=shuffled_windows).files) == 1
