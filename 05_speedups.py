@@ -1,8 +1,7 @@
 """Stage 05: make it fast, and measure what each trick buys on your own hardware.
 
-Five speedups, first timed one by one in a table (common/bench.py). TF32, autocast and compile
-are written out in main(); flash attention and vocab 50304 are settings of the shared model
-(attn="sdpa" beside the manual four lines, vocab_size=50304: see `grep "stage 05" common/model.py`).
+Five speedups, first timed one by one in a table (common/bench.py): TF32, autocast and compile
+written out in main(); flash attention and vocab 50304 set on the model (common/model.py).
 
 Run: python 05_speedups.py   (no GPU: tiny preset, ~1 min; --preset gpt2 --compare-hf on a GPU)
 """
