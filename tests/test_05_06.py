@@ -52,10 +52,9 @@ def test_05_benchmark_has_every_row(s05, shakespeare, tmp_path):
 
 def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
     """Every round times every row in turn, so no row alone pays a warm-up or a slow moment."""
-    order = []
-    real = bench.Row.run
+    order = []  # the order is the point: no step is taken (test_05_benchmark_has_every_row runs them)
     monkeypatch.setattr(bench.Row, "run", lambda self, x, y, n, timed=True: (
-        order.append((self.name, timed)), real(self, x, y, n, timed))[1])  # fmt: skip
+        order.append((self.name, timed)), self.times.extend([0.01] * n * timed)))  # fmt: skip
     cfg = tiny(s05, batch_size=2, seq_len=16, timed=3, benchmark="all")
     bench.speedup_table(replace(cfg, device="cpu"), "cpu")
     names = ["fp32", "bf16", "flash", "vocab", "compile"]
