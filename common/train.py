@@ -333,7 +333,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # Intel AMX, AVX-512 BF16,
 
 def cpu_has_bf16(flags=None):
     """False where the CPU's flags are known and none does bf16 math: there autocast emulates
-    bf16 (measured 65x slower than fp32 on an AVX2-only EPYC, BENCHMARKS.md). None: unknown."""
+    bf16 (measured 50-65x slower than fp32 on an AVX2-only EPYC, BENCHMARKS.md). None: unknown."""
     flags = cpu_info()[1] if flags is None else flags
     if not flags:
         return None

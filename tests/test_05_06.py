@@ -213,7 +213,7 @@ def test_06_float16_with_grad_scaler_trains(s06, shakespeare):
                                         ({"amx_bf16"}, True), ({"fp", "asimd", "bf16"}, True),
                                         (set(), None)])  # fmt: skip
 def test_a_cpu_without_bf16_math_trains_in_float32(monkeypatch, capsys, flags, has):
-    """Autocast on a CPU without bf16 instructions emulates bf16 (65x slower than fp32 on an
+    """Autocast on a CPU without bf16 instructions emulates bf16 (50-65x slower than fp32 on an
     AVX2 EPYC): --dtype bfloat16 falls back to float32 with one line, 05's bf16 row says why.
     Unknown flags (no /proc/cpuinfo) change nothing."""
     import common.train
