@@ -29,7 +29,7 @@ LESSONS = {
     ("03_dataloader", "04_best_practices"): (40, "model.transformer.wte.weight = model.lm_head.weight"),
     ("04_best_practices", "05_speedups"): (80, 'torch.set_float32_matmul_precision("high")'),
     ("05_speedups", "06_hyperparams"): (80, "math.cos(math.pi * progress)"),
-    ("06_hyperparams", "07_ddp_fineweb"): (200, 'dist.init_process_group(backend="nccl")'),
+    ("06_hyperparams", "07_ddp_fineweb"): (200, 'dist.init_process_group(backend="nccl"'),
 }  # fmt: skip
 ALSO = {  # more of each lesson's code that must be in its diff
     ("04_best_practices", "05_speedups"): ["torch.autocast(", "torch.compile(", 'attn="sdpa"',
