@@ -90,13 +90,19 @@ def setup_ddp(device):
         return Dist(device=pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    kw = {}  # init_process_group finds the store at MASTER_ADDR:MASTER_PORT
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept over
+        # restarts (torch 2.13): a restarted rank must not read the dead attempt's addresses
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)  # fmt: skip
+        prefix = f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/"  # each attempt its own keys
+        kw = dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
     if device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl")  # NVIDIA's collectives, over NVLink/network
+        dist.init_process_group(backend="nccl", **kw)  # NVIDIA's collectives, over NVLink/network
     else:  # CPU: gloo, so the same code runs (and is tested) without a GPU
         device = pick_device("cpu" if device == "auto" else device)
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", **kw)
     return Dist(rank, local_rank, world_size, device, enabled=True)
 
 

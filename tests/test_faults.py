@@ -168,12 +168,11 @@ def test_sigterm_to_one_rank_stops_all_after_one_step_and_a_rerun_continues_exac
     assert same_weights(out, reference[0])
 
 
-@pytest.mark.xfail(strict=False, reason="torch 2.13 + gloo: restarted workers often read the "
-                   "dead attempt's gloo addresses from torchrun's store and fail in "
-                   "init_process_group (Connection refused), before our code runs")  # fmt: skip
 def test_dead_worker_is_restarted_and_resumes_by_itself(shards, env, tmp_path, reference):
-    """kill -9 of rank 1 after step 5 under `torchrun --max-restarts=2`: torchrun restarts
-    both workers, which resume from ckpt 4 by themselves and end as the reference, bitwise."""
+    """kill -9 of rank 1 after step 5 under `torchrun --max-restarts=1`: torchrun restarts
+    both workers, which resume from ckpt 4 by themselves and end as the reference, bitwise.
+    The restarted workers connect through torchrun's store, which still holds the dead
+    attempt's addresses: setup_ddp's per-attempt prefix keeps them from reading those."""
     out, killed = tmp_path / "run", []
 
     def act(line, pids):
@@ -181,7 +180,7 @@ def test_dead_worker_is_restarted_and_resumes_by_itself(shards, env, tmp_path, r
             os.kill(pids()[1], signal.SIGKILL)  # no cleanup: a dead GPU, an OOM kill
             killed.append(1)
 
-    rc, text = torchrun_07(shards, out, env, 2, act, limit=120)  # gloo may hang instead
+    rc, text = torchrun_07(shards, out, env, 1, act, limit=120)  # one restart must do
     assert rc == 0 and killed and "resumed from step 4" in text, text
     assert metrics(out) == metrics(reference[0])
     assert same_weights(out, reference[0])
