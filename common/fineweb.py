@@ -66,6 +66,12 @@ class Config:
 # --- tokenizing (runs in the worker processes) ---------------------------------------------
 
 
+def _pool_context():
+    """forkserver where the platform has it (Linux), else spawn (macOS, Windows): never fork."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def tokenize_batch(texts):
     """A list of texts -> (tokens, ends): each text as [EOT, *its tokens] (the EOT marks where
     a document starts), all back to back as one uint16 array, and where each one ends.
@@ -311,7 +317,7 @@ def main(cfg):
     if cfg.shard_size < 1 or cfg.max_tokens < 0 or cfg.workers < 0:
         raise UserError("--shard-size must be >= 1, --max-tokens and --workers >= 0")
     workers = cfg.workers or os.cpu_count() or 1
-    get_tokenizer()  # fail early when offline; forked workers inherit the loaded encoding
+    get_tokenizer()  # fail early when offline; workers load it from the same cache
     settings = settings_of(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,8 +345,9 @@ def main(cfg):
     exhausted = True  # the source ran out (vs. stopping at --max-tokens)
 
     t0 = time.perf_counter()
-    # the pool starts before the source opens any reader threads: forking is safe then
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    # workers start from a clean server process (forkserver), never forked from this one: a
+    # lock that one of its threads (torch's, a reader's) holds at fork time would hang them
+    pool = _pool_context().Pool(workers) if workers > 1 else None
     bar = None
     try:
         texts = text_batches(open_source(cfg), cfg.text_column, skip=doc)

@@ -269,3 +269,9 @@ def test_cli_help_run_and_error(reference, sources, tmp_path, cache_env):
                      env=cache_env)  # fmt: skip
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --data-files: no file at")
+
+
+def test_workers_never_fork_from_a_threaded_process():
+    """A pool forked from a process with threads (torch's, pytest's) hung a worker on a lock
+    held at fork time (seen in a full suite run); the workers start from a clean process."""
+    assert fw._pool_context().get_start_method() in ("forkserver", "spawn")
