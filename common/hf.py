@@ -56,14 +56,14 @@ def check_hf_config(c, name):
 def from_pretrained(name_or_dir, **overrides):
     """OpenAI's GPT-2 (hub name gpt2 ... gpt2-xl) or a local GPT2LMHeadModel directory -> GPT.
     `overrides` change our GPTConfig (e.g. vocab_size=50304, attn="sdpa")."""
-    from transformers import GPT2LMHeadModel  # imported here: only this path needs it
-
     if name_or_dir.removeprefix("openai-community/") not in HUB_MODELS:
         if not os.path.isdir(name_or_dir):
             raise UserError(
                 f"unknown model '{name_or_dir}': use gpt2, gpt2-medium, gpt2-large, "
                 "gpt2-xl or a directory saved by GPT2LMHeadModel.save_pretrained"
             )
+    from transformers import GPT2LMHeadModel  # imported here (slow): only this path needs it
+
     try:
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
     except OSError as e:

@@ -24,10 +24,10 @@ class Config:
 
 
 def main(cfg):
+    c = preset_config(cfg.preset)  # an unknown name: one line listing PRESETS, before imports
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    c = preset_config(cfg.preset)  # an unknown name is a one-line error listing PRESETS
     torch.manual_seed(cfg.seed)
     hf_config = GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                            n_positions=c.block_size, vocab_size=c.vocab_size)  # fmt: skip

@@ -66,7 +66,7 @@ def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
 def test_05_fp16_row_and_grad_scaler(s05, shakespeare):
     """float16 (GPUs without bf16): the table's half row is fp16 and training uses a scaler.
     (Small sizes: float16 matmuls are slow on a CPU.)"""
-    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=16, timed=3, steps=10,
+    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=16, timed=2, steps=5,
                dtype="float16", benchmark="fp16")  # fmt: skip
     out = s05.main(cfg)
     assert [r["name"] for r in out["benchmark"]["rows"]] == ["fp16"]
@@ -201,7 +201,7 @@ def test_06_total_batch_must_divide(s06, shakespeare):
 def test_06_float16_with_grad_scaler_trains(s06, shakespeare):
     """--dtype float16 (older GPUs): autocast to fp16, the loss scaled, gradients unscaled
     before clipping; on CPU too, so the path is tested without a GPU."""
-    cfg = tiny(s06, input=str(shakespeare), steps=10, batch_size=2, seq_len=16, total_batch=64,
+    cfg = tiny(s06, input=str(shakespeare), steps=6, batch_size=2, seq_len=16, total_batch=64,
                dtype="float16")  # fmt: skip
     out = s06.main(cfg)
     assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 0.5

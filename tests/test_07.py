@@ -107,12 +107,15 @@ def test_07_non_finite_loss_stops_and_keeps_good_checkpoint(s07, shards, tmp_pat
     assert all(torch.isfinite(v).all() for v in newest["model"].values())
 
 
+def start_07(args, env, out):
+    cmd = [sys.executable, "07_ddp_fineweb.py", *args, "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
 def run_07(args, env, out, kill_after=None):
     """07 as a subprocess; optionally SIGKILL it as soon as it prints `saved ...kill_after`."""
-    cmd = [sys.executable, "07_ddp_fineweb.py", *args, "--out", str(out)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
-    lines = []
+    p, lines = start_07(args, env, out), []
     for line in p.stdout:
         lines.append(line)
         if kill_after and line.startswith("saved") and kill_after in line:
@@ -122,21 +125,23 @@ def run_07(args, env, out, kill_after=None):
     return p.returncode, "".join(lines), p.stderr.read()
 
 
-def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
+def test_07_kill_and_resume_continues_exactly(s07, shards, tmp_path, cache_env):
+    """Killed with SIGKILL right after its step-4 checkpoint, then `--resume`: the same lines
+    and numbers as a run never interrupted (which runs meanwhile, one thread each)."""
     args = ["--data-dir", str(shards), "--preset", "tiny", "--device", "cpu", "--batch-size", "4",
             "--seq-len", "32", "--total-batch", "256", "--steps", "8", "--warmup-steps", "2",
             "--val-every", "4", "--val-steps", "2", "--sample-every", "0", "--ckpt-every", "4",
             "--dtype", "float32"]  # fmt: skip
-    rc, _, err = run_07(args, cache_env, tmp_path / "full")
-    assert rc == 0, err
-    full = read_metrics(tmp_path / "full")
-
-    rc, _, _ = run_07(args, cache_env, tmp_path / "cut", kill_after="ckpt_000004.pt")
+    env = {**cache_env, "OMP_NUM_THREADS": "1"}
+    full_run = start_07(args, env, tmp_path / "full")
+    rc, _, _ = run_07(args, env, tmp_path / "cut", kill_after="ckpt_000004.pt")
     assert rc == -signal.SIGKILL
-    rc, text, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")
+    rc, text, err = run_07([*args, "--resume"], env, tmp_path / "cut")
     assert rc == 0, err
     assert "resumed from step 4" in text
-    resumed = read_metrics(tmp_path / "cut")
+    assert full_run.wait(timeout=300) == 0, full_run.stderr.read()
+    full_run.stdout.close(), full_run.stderr.close()
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
 
     def losses(rows, split):  # {step: loss}: pytest.approx compares a flat dict, not pairs
         return {r["step"]: r["loss"] for r in rows if r["split"] == split}
@@ -148,10 +153,10 @@ def test_07_kill_and_resume_continues_exactly(shards, tmp_path, cache_env):
     assert list(losses(resumed, "val")) == [0, 4, 7]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    rc, _, err = run_07([*args, "--resume"], cache_env, tmp_path / "cut")  # nothing left to do
-    assert (
-        rc != 0 and err.strip().splitlines()[-1].startswith("error:") and "already at step 8" in err
-    )
+    again = small(s07, shards, tmp_path / "cut", steps=8, val_every=4, ckpt_every=4,
+                  sample_every=0, dtype="float32", resume="latest")  # fmt: skip
+    with pytest.raises(UserError, match="already at step 8"):  # nothing left to do
+        s07.main(again)
 
 
 def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path, cache_env):
@@ -163,15 +168,17 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
                    "--dtype", "float32", "--hellaswag-every", "3", "--hellaswag-data",
                    str(HELLASWAG)]  # fmt: skip
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common_args, "--out", str(tmp_path / "one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    one = subprocess.Popen([sys.executable, *common_args, "--out", str(tmp_path / "one")],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", *common_args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    one_out, one_err = one.communicate(timeout=300)  # ran meanwhile
+    assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
     assert (
-        "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one.stdout
+        "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one_out
     )
     assert two.stdout.count("summary:") == 1  # rank 0 alone prints
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
@@ -198,35 +205,33 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
 # ---- what protects a run (issue 12) and what a run records (issue 11) ---------------------
 
 
-def test_07_second_writer_into_the_same_out_is_refused(shards, tmp_path, cache_env):
-    """Two real processes: while run A trains, run B into A's --out is refused at once, naming
-    A's pid, and A's files are untouched; after A is killed the directory is free again."""
+def test_07_second_writer_into_the_same_out_is_refused(s07, shards, tmp_path, cache_env):
+    """While run A (a real process) trains, run B into A's --out (here, in this process) is
+    refused at once, naming A's pid, and A's files are untouched; nor is A's --out resumed;
+    after A is killed the directory is free again."""
     out = tmp_path / "run"
     args = [sys.executable, "07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
             "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch", "128",
             "--steps", "100000", "--val-every", "0", "--sample-every", "0", "--ckpt-every", "0",
             "--out", str(out)]  # fmt: skip
-    a = subprocess.Popen(args, cwd=ROOT, env=cache_env, stdout=subprocess.PIPE, text=True)
+    env = {**cache_env, "OMP_NUM_THREADS": "1"}  # A leaves B a core
+    a = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    b = small(s07, shards, out, total_batch=128, steps=2, val_every=0, sample_every=0,
+              ckpt_every=0)  # fmt: skip
     try:
         for line in a.stdout:  # A is training
             if line.startswith("step"):
                 break
         before = (out / "metrics.jsonl").read_text()
-        b = subprocess.run(args, cwd=ROOT, env=cache_env, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
-        assert b.returncode != 0 and "Traceback" not in b.stderr
-        last = b.stderr.strip().splitlines()[-1]
-        assert "is in use by another run" in last and f"pid {a.pid}" in last
+        with pytest.raises(UserError, match=rf"is in use by another run \(.*pid {a.pid}"):
+            s07.main(b)
         assert (out / "metrics.jsonl").read_text().startswith(before)  # A's log not truncated
-        b = subprocess.run([*args[:-2], "--out", str(out), "--resume"], cwd=ROOT, env=cache_env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert "is in use by another run" in b.stderr  # nor resumed while it lives
+        with pytest.raises(UserError, match="is in use by another run"):
+            s07.main(replace(b, resume="latest"))  # nor resumed while it lives
     finally:
         a.kill()
         a.wait()
-    c = subprocess.run([*args[:-2], "--out", str(out), "--steps", "2"], cwd=ROOT, env=cache_env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert c.returncode == 0, c.stderr  # the lock died with A (no checkpoint was written)
+    assert sorted(s07.main(b)["losses"]) == [0, 1]  # the lock died with A (no checkpoint)
 
 
 def test_07_nan_gradient_stops_before_the_update_and_keeps_the_good_checkpoint(

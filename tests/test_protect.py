@@ -178,21 +178,23 @@ def test_flipped_bytes_are_refused_naming_the_older_good_checkpoint(tmp_path, ca
         assert load_checkpoint(one)["step"] == 1
 
 
-def test_checkpoint_without_checksum_is_refused_until_adopted(tmp_path):
+def test_checkpoint_without_checksum_is_refused_until_adopted(tmp_path, capsys):
+    from common import checkpoint as cli  # `python -m common.checkpoint`, in this process
+
     model = small_model()
     old = tmp_path / "ckpt_000005.pt"  # as written before checkpoints carried a checksum
     torch.save(dict(step=5, model=model.state_dict(), model_config=dataclasses.asdict(SMALL)), old)
     with pytest.raises(UserError, match=r"has no checksum .* python -m common.checkpoint --adopt"):
         load_checkpoint(tmp_path)
-    r = run_script(["-m", "common.checkpoint", "--adopt", str(old)])
-    assert r.returncode == 0 and "added a checksum" in r.stdout, r.stderr
+    cli.main(cli.Config(adopt=str(old)))
+    assert "added a checksum" in capsys.readouterr().out
     assert load_checkpoint(tmp_path)["step"] == 5
-    r = run_script(["-m", "common.checkpoint", str(tmp_path)])
+    r = run_script(["-m", "common.checkpoint", str(tmp_path)])  # as a user types it
     assert r.returncode == 0 and r.stdout.strip() == f"{old}: ok"
     flip(old, old.stat().st_size // 2)
-    r = run_script(["-m", "common.checkpoint", str(tmp_path)])
-    assert r.returncode == 1 and r.stdout.startswith(f"{old}: fails its checksum")
-    assert r.stderr.strip() == "error: 1 of 1 checkpoints do not verify"
+    with pytest.raises(UserError, match=r"^1 of 1 checkpoints do not verify$"):
+        cli.main(cli.Config(path=str(tmp_path)))
+    assert capsys.readouterr().out.startswith(f"{old}: fails its checksum")
 
 
 # --- resume settings, temp files, foreign state dicts ---------------------------------------

@@ -112,15 +112,18 @@ def test_random_model_unknown_preset_is_one_line(tmp_path, cache_env):
 
 def test_a_preset_chooses_the_size_only(monkeypatch, capsys):
     """On a GPU `--preset tiny` is the tiny model with the GPU's batch, steps and lr, and no
-    line; on a CPU the CPU defaults apply to each flag not given, `--preset gpt2` included,
+    line (and T=1024 is refused at once: tiny's block is 256); on a CPU the CPU defaults apply to each flag not given, `--preset gpt2` included,
     and one line names every value that is not the stage's default."""
     import common.cli as cli
 
     s05 = load_stage("05_speedups")
     default = s05.Config()
     monkeypatch.setattr(cli, "_no_cuda", lambda cfg: False)  # a GPU
-    cfg = parse_args(s05.Config, ["--preset", "tiny"])
-    assert cfg == s05.Config(preset="tiny") and capsys.readouterr().out == ""
+    cfg = parse_args(s05.Config, ["--preset", "tiny", "--seq-len", "256"])
+    assert cfg == s05.Config(preset="tiny", seq_len=256) and capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="^sequence length 1024 exceeds block_size 256 of "
+                                        "--preset tiny: lower --seq-len$"):  # fmt: skip
+        parse_args(s05.Config, ["--preset", "tiny"])  # the GPU's T=1024: said before any work
     monkeypatch.setattr(cli, "_no_cuda", lambda cfg: True)  # a CPU
     cfg = parse_args(s05.Config, ["--preset", "gpt2", "--steps", "5", "--json", "t.json"])
     assert (cfg.preset, cfg.steps, cfg.json) == ("gpt2", 5, "t.json")
