@@ -157,13 +157,15 @@ def validate(cfg):
             continue
         if not ok:
             raise UserError(f"{flag} must be {need} (got {value})")
-    if isinstance(getattr(cfg, "preset", None), str) and isinstance(getattr(cfg, "seq_len", None), int):
+    preset, T = getattr(cfg, "preset", None), getattr(cfg, "seq_len", None)
+    if isinstance(preset, str) and isinstance(T, int):
         from common.model import preset_config  # here: the model's module needs torch
 
-        block = preset_config(cfg.preset).block_size  # an unknown preset: one line, now
-        if cfg.seq_len > block:  # said before any data is read (the model says it again)
-            raise UserError(f"sequence length {cfg.seq_len} exceeds block_size {block} of "
-                            f"--preset {cfg.preset}: lower --seq-len")  # fmt: skip
+        block = preset_config(preset).block_size  # an unknown preset: one line, now
+        if T > block:  # said before any data is read (the model would say it at step 0)
+            raise UserError(
+                f"sequence length {T} exceeds block_size {block} of --preset {preset}: lower --seq-len"
+            )
 
 
 def _no_cuda(cfg):

@@ -177,9 +177,7 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
     one_out, one_err = one.communicate(timeout=300)  # ran meanwhile
     assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
-    assert (
-        "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one_out
-    )
+    assert "2 processes x 1 micro-steps" in two.stdout and "1 processes x 2 micro-steps" in one_out
     assert two.stdout.count("summary:") == 1  # rank 0 alone prints
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if r["split"] == "train"]
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
