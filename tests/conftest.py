@@ -7,6 +7,7 @@ through TIKTOKEN_CACHE_DIR. In-process code that tries to reach another host fai
 import importlib.util
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,3 +118,26 @@ def run_script(args, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# `python NN_stage.py --help` for every stage, run as __main__ in one process (one torch import)
+HELP_ALL = """
+import runpy, sys
+for name in sys.argv[1:]:
+    sys.argv = [name + ".py", "--help"]
+    print("=== " + name, flush=True)
+    try:
+        runpy.run_path(name + ".py", run_name="__main__")
+    except SystemExit as e:
+        print("=== exit", e.code, flush=True)
+"""
+
+
+@pytest.fixture(scope="session")
+def helps():
+    """{stage: (its exit code, its help text)}"""
+    stages = sorted(p.stem for p in ROOT.glob("[0-9][0-9]_*.py"))
+    r = run_script(["-c", HELP_ALL, *stages])
+    assert r.returncode == 0, r.stderr
+    found = re.findall(r"^=== (\S+)\n(.*?)^=== exit (\S+)$", r.stdout, flags=re.S | re.M)
+    return {name: (code, text) for name, text, code in found}

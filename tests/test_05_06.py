@@ -11,6 +11,7 @@ from conftest import load_stage, run_script
 from test_stages import STEP_RE, tiny
 
 from common import UserError, bench
+from common.cli import parse_args
 from common.data import TextLoader, get_tokenizer
 from common.model import GPT, GPTConfig
 from common.train import lr_at, make_optimizer
@@ -98,13 +99,14 @@ def test_05_fp32_row_trains_like_stage_04(s05, shakespeare):
     (["--benchmark", "tf32", "--steps", "0"], "--benchmark tf32 does not apply here"),
     (["--dtype", "float8"], "--dtype must be one of bfloat16, float16, float32 (got float8)"),
 ])  # fmt: skip
-def test_05_bad_names_are_refused_before_any_work(args, message, cache_env):
+def test_05_bad_names_are_refused_before_any_work(s05, args, message, capsys):
     if "tf32" in args and torch.cuda.is_available():
         pytest.skip("TF32 applies on CUDA")
-    r = run_script(["05_speedups.py", "--device", "cpu", *args], env=cache_env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert message in r.stderr.strip().splitlines()[-1]
-    assert "benchmark:" not in r.stdout and "step " not in r.stdout  # refused before any work
+    with pytest.raises(UserError) as e:  # as `python 05_speedups.py --device cpu ...` runs it
+        s05.main(parse_args(s05.Config, ["--device", "cpu", *args]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    out = capsys.readouterr().out
+    assert "benchmark:" not in out and "step " not in out  # refused before any work
 
 
 def test_05_cli_json(cache_env, tmp_path, shakespeare):
