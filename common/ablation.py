@@ -27,7 +27,9 @@ from typing import ClassVar
 import torch
 
 from common import UserError, bench
-from common.data import ShardLoader, TextLoader, get_tokenizer, load_text
+from common.data import (
+    ShardLoader, TextLoader, WindowLoader, get_tokenizer, load_text, shuffled_windows,
+)  # fmt: skip
 from common.train import lr_at, seed_all, step_line, synchronize
 
 
@@ -51,6 +53,7 @@ class Config:
     seed: int = 1337  # seed of each row's first run; run i uses seed + i
     seeds: int = 3  # runs per row, one seed each: their spread shows what is noise
     rows: str = "baseline"  # rows to train, comma-separated
+    shuffle: bool = True  # train windows in a fresh seeded order each epoch, as 07; false: in order
     val_steps: int = 20  # held-out batches per evaluation (at most what the val text holds)
     out: str = "out"  # the table and every run's numbers go to {out}/ablation.json
     rules: ClassVar[dict] = dict(total_batch=">= 0")  # --total-batch 0: B*T, no accumulation
@@ -78,7 +81,9 @@ def load_data(cfg):
     if cfg.data_dir:  # FineWeb-Edu shards: shard 0 is validation
         print(f"data: token shards in {cfg.data_dir}")
         step_tokens = cfg.total_batch or B * T  # shards change between optimizer steps only
-        return dict(train=lambda: ShardLoader(cfg.data_dir, "train", B, T, step_tokens=step_tokens),
+        order = dict(shuffle=shuffled_windows, seed=cfg.seed) if cfg.shuffle else {}
+        return dict(train=lambda: ShardLoader(cfg.data_dir, "train", B, T,
+                                              step_tokens=step_tokens, **order),
                     val=lambda: ShardLoader(cfg.data_dir, "val", B, T), val_steps=cfg.val_steps,
                     train_tokens=None)  # fmt: skip
     tokens = get_tokenizer().encode_ordinary(load_text(cfg.input))
@@ -90,7 +95,8 @@ def load_data(cfg):
                         f"than one batch of {B}x{T}: lower --batch-size or --seq-len")  # fmt: skip
     print(f"data: {len(train):,} training tokens, {len(val):,} held out "
           f"({val_steps} val batches of {B}x{T})")  # fmt: skip
-    return dict(train=lambda: TextLoader(train, B, T), val=lambda: TextLoader(val, B, T),
+    Loader, order = (WindowLoader, dict(seed=cfg.seed)) if cfg.shuffle else (TextLoader, {})
+    return dict(train=lambda: Loader(train, B, T, **order), val=lambda: TextLoader(val, B, T),
                 val_steps=val_steps, train_tokens=len(train))  # fmt: skip
 
 

@@ -119,6 +119,29 @@ class TextLoader:
         return x, y
 
 
+class WindowLoader:
+    """(B, T) batches of a token list as stage 07 reads a shard with `--shuffle`: windows of
+    T+1 tokens in the order `shuffled_windows` gives, seeded by (seed, epoch, 0), a fresh
+    order each epoch; every window once per epoch. For a text trained on for several epochs
+    (09's ablations), where TextLoader would repeat the same sequence every epoch."""
+
+    def __init__(self, tokens, batch_size, seq_len, seed=0):
+        self.tokens, self.B, self.T, self.seed = torch.tensor(tokens), batch_size, seq_len, seed
+        if len(self.tokens) < batch_size * seq_len + seq_len:  # the offset takes up to T - 1
+            raise UserError("the text is shorter than one batch: lower --batch-size or --seq-len")
+        self.epoch, self.i = -1, 0
+        self.starts = []
+
+    def next_batch(self):
+        if self.i + self.B > len(self.starts):  # this epoch is used up: the next one's order
+            self.epoch, self.i = self.epoch + 1, 0
+            self.starts = shuffled_windows(len(self.tokens), self.T, (self.seed, self.epoch, 0))
+        rows = [self.tokens[s : s + self.T + 1] for s in self.starts[self.i : self.i + self.B]]
+        self.i += self.B
+        buf = torch.stack(rows)
+        return buf[:, :-1], buf[:, 1:]
+
+
 def shard_files(data_dir, split):
     """The `*_{split}_*.npy` token shards in data_dir, sorted (their names carry the index)."""
     data_dir = Path(data_dir)

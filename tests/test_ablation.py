@@ -138,3 +138,25 @@ def test_bad_input(shards, shakespeare, tmp_path):
     tiny_text.write_text("to be or not to be " * 20)
     with pytest.raises(UserError, match="smaller than one batch of 2x16"):
         ablation.load_data(replace(cfg, data_dir="", input=str(tiny_text)))
+
+
+def test_train_batches_are_shuffled_unless_asked_not_to(shards, shakespeare):
+    """A text or shards trained on for several epochs: 07's shuffled windows by default, the
+    same order for every run (the rows stay paired); `--shuffle false`: in order, as 03."""
+    from common.data import TextLoader, WindowLoader
+
+    cfg = replace(cfg_for(shards), data_dir="", input=str(shakespeare))
+    on, off = ablation.load_data(cfg), ablation.load_data(replace(cfg, shuffle=False))
+    assert isinstance(on["train"](), WindowLoader) and isinstance(off["train"](), TextLoader)
+    a, b, in_order = on["train"](), on["train"](), off["train"]()
+    firsts = [(a.next_batch()[0], b.next_batch()[0], in_order.next_batch()[0]) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y, _ in firsts)  # every run reads the same batches
+    assert not any(torch.equal(x, z) for x, _, z in firsts)
+    assert torch.equal(firsts[1][2][0, :4], in_order.tokens[32:36])  # batch 2 follows batch 1
+    for val in (on["val"](), off["val"]()):  # the held-out batches stay the same, in order
+        assert isinstance(val, TextLoader)
+    sh_on, sh_off = (
+        ablation.load_data(cfg_for(shards)),
+        ablation.load_data(cfg_for(shards, shuffle=False)),
+    )
+    assert sh_on["train"]().shuffle is not None and sh_off["train"]().shuffle is None

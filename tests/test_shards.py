@@ -266,3 +266,36 @@ def test_shuffle_needs_room_for_the_offset(tmp_path):
     d = make_shards(tmp_path, [50, 9, 11])  # one step: 8 tokens + 1; + T-1 = 3 more: 12
     assert len(ShardLoader(d, "train", B, T).files) == 3
     assert len(ShardLoader(d, "train", B, T, shuffle=shuffled_windows).files) == 1
+
+
+def test_window_loader_reads_a_text_as_07_reads_one_shuffled_shard(tmp_path):
+    """09's loader for a text: every window once per epoch, a fresh order each epoch, the same
+    windows (and order) ShardLoader gives one shard with the shuffle, targets one token on."""
+    from common.data import WindowLoader
+
+    tokens = list(range(1000, 1203))  # a token's value says where it is
+    text = WindowLoader(tokens, B, T, seed=3)
+    shard = ShardLoader(make_shards(tmp_path, [203]), "train", B, T, shuffle=shuffled_windows,
+                        seed=3)  # fmt: skip
+    per_epoch = (203 - 1 - (T - 1)) // T // B  # whole batches, whatever the epoch's offset
+    epochs, x_first = [], None
+    for _ in range(3):
+        starts = []
+        for _ in range(per_epoch):
+            x, y = text.next_batch()
+            assert x.shape == y.shape == (B, T) and torch.equal(y[:, :-1], x[:, 1:])
+            assert torch.equal(y[:, -1], x[:, -1] + 1)  # the target is the next token
+            x_first = x if x_first is None else x_first
+            sx, _ = shard.next_batch()
+            assert torch.equal(x, sx.long())  # the same windows as 07's shuffled shard
+            starts += (x[:, 0] - 1000).tolist()
+        assert len(set(starts)) == len(starts)  # no window twice in an epoch
+        assert len({s % T for s in starts}) == 1  # one offset per epoch
+        epochs.append(starts)
+        while text.i + B <= len(text.starts):  # the rest of this epoch (at most a batch)
+            text.next_batch(), shard.next_batch()
+    assert epochs[0] != epochs[1] != epochs[2]  # a fresh order each epoch
+    first = {seed: WindowLoader(tokens, B, T, seed=seed).next_batch()[0] for seed in (3, 4)}
+    assert torch.equal(first[3], x_first) and not torch.equal(first[3], first[4])  # seeded
+    with pytest.raises(UserError, match="shorter than one batch"):
+        WindowLoader(tokens[: B * T + 2], B, T)
