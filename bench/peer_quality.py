@@ -64,7 +64,7 @@ class Config:
     peer: str = str(ROOT.parent / "shared" / "peers" / "nanoGPT")  # nanoGPT's train.py is here
     work: str = ""  # where data and runs go (empty: a temp folder)
     json: str = ""  # results file, written after every run (empty: <work>/peer_quality.json)
-    threads: int = 0  # torch threads per run (0: torch's default)
+    threads: int = 0  # torch threads per run (0: torch's default); 1 lets two runs share 2 cores
     rescore: bool = False  # only score again the final models of the runs --json holds
 
 
@@ -180,7 +180,12 @@ def val_loss(state, val, exact_gelu=False, T=256, batch=16):
         for block in model.transformer.h:
             block.mlp.gelu = torch.nn.GELU()
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another model
+        raise UserError(
+            f"weights do not fit our model: {str(e).splitlines()[-1].strip()}"
+        ) from None
     if missing or [k for k in unexpected if not k.endswith(".attn.bias")]:  # a causal mask
         raise UserError(f"weights do not fit our model: missing {missing}, extra {unexpected}")
     model.eval()
@@ -247,7 +252,8 @@ def main(cfg):
                 state, secs = run_ours(cfg, work, seed, env, shuffle=t == "ours")
             loss, n = val_loss(state, val, exact_gelu=t == "nanogpt")
             results.append(dict(corpus=cfg.corpus, trainer=t, seed=seed, val_loss=loss,
-                                val_tokens=n, seconds=round(secs, 1)))  # fmt: skip
+                                val_tokens=n, seconds=round(secs, 1),
+                                threads=cfg.threads or torch.get_num_threads()))  # fmt: skip
             print(f"{t:>16} seed {seed}: val loss {loss:.4f} over {n:,} tokens ({secs:.0f} s)")
             others = [r for r in done.get("runs", []) if r.get("corpus") != cfg.corpus]
             record = dict(runs=others + results, recipe=RECIPE, steps=cfg.steps,
