@@ -59,6 +59,7 @@ class Config:
     corpus: str = "shakespeare"  # shakespeare or python (the stdlib's sources)
     text: str = ""  # the text of --corpus shakespeare (empty: tiny shakespeare, cached)
     seeds: int = 3  # seeds per trainer: 0, 1, 2, ...
+    first_seed: int = 0  # start at this seed (to run seeds of one trainer in two processes)
     trainers: str = "nanogpt,ours"  # comma-separated: nanogpt, ours, ours-consecutive
     steps: int = 250  # optimizer steps of B=8 x T=256 tokens for every trainer
     peer: str = str(ROOT.parent / "shared" / "peers" / "nanoGPT")  # nanoGPT's train.py is here
@@ -232,7 +233,7 @@ def main(cfg):
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     done = json.loads(out_json.read_text()) if out_json.exists() else {}
     results = [r for r in done.get("runs", []) if r.get("corpus") == cfg.corpus]
-    for seed in range(cfg.seeds):  # seeds outermost: a cut-short run still compares all
+    for seed in range(cfg.first_seed, cfg.seeds):  # seeds outermost: a cut-short run compares all
         for t in trainers:
             old = [r for r in results if r["trainer"] == t and r["seed"] == seed]
             if old and not cfg.rescore:
