@@ -20,7 +20,8 @@ from common.cli import parse_args
 from common.data import get_tokenizer
 from common.generate import generate
 from common.model import GPT, preset_config
-from common.train import pick_device, seed_all
+from common.device import pick_device
+from common.train import seed_all
 
 
 @dataclass

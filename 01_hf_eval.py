@@ -17,7 +17,8 @@ from common.cli import parse_args
 from common.data import get_tokenizer
 from common.generate import generate
 from common.hf import from_pretrained
-from common.train import pick_device, seed_all
+from common.device import pick_device
+from common.train import seed_all
 
 
 @dataclass

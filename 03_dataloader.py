@@ -17,7 +17,8 @@ from common import UserError
 from common.cli import parse_args
 from common.data import get_tokenizer, load_text
 from common.model import GPT, preset_config
-from common.train import pick_device, seed_all, step_line, synchronize
+from common.device import pick_device, synchronize
+from common.train import seed_all, step_line
 
 
 @dataclass

@@ -16,7 +16,8 @@ from common import bench
 from common.cli import parse_args
 from common.data import TextLoader, get_tokenizer, load_text
 from common.model import GPT, preset_config
-from common.train import amp_dtype, pick_device, seed_all, step_line, synchronize
+from common.device import amp_dtype, pick_device, synchronize
+from common.train import seed_all, step_line
 
 
 @dataclass

@@ -26,9 +26,9 @@ from common.data import ShardLoader, get_tokenizer
 from common.generate import generate
 from common.model import GPT, preset_config
 from common.run import start_run
-from common.train import (
-    Dist, amp_dtype, lr_at, make_optimizer, pick_device, print0, seed_all, step_line, synchronize,
-)  # fmt: skip
+from common.device import amp_dtype, pick_device, synchronize
+from common.distributed import Dist, print0
+from common.train import lr_at, make_optimizer, seed_all, step_line
 
 
 @dataclass

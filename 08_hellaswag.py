@@ -38,7 +38,8 @@ from common.hellaswag import (
     protocols,
 )  # fmt: skip
 from common.hf import from_pretrained
-from common.train import print0, seed_all, setup_ddp
+from common.distributed import print0, setup_ddp
+from common.train import seed_all
 
 
 @dataclass

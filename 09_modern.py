@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from common import UserError, ablation
 from common.cli import parse_args
 from common.model import GPTConfig, gpt2_init, preset_config
-from common.train import amp_dtype, make_optimizer, pick_device
+from common.device import amp_dtype, pick_device
+from common.train import make_optimizer
 
 ROWS = dict(baseline={}, rope=dict(rope=True), rmsnorm=dict(rmsnorm=True), qk_norm=dict(qk_norm=True),
             relu2=dict(mlp="relu2"), swiglu=dict(mlp="swiglu"), nobias=dict(bias=False),

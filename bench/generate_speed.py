@@ -28,7 +28,7 @@ from common.cli import parse_args  # noqa: E402
 from common.export import to_hf  # noqa: E402
 from common.generate import generate  # noqa: E402
 from common.model import GPT, GPT2_VOCAB, preset_config  # noqa: E402
-from common.train import pick_device, synchronize  # noqa: E402
+from common.device import pick_device, synchronize  # noqa: E402
 
 
 @dataclass

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from common import UserError, bench  # noqa: E402
 from common.cli import parse_args  # noqa: E402
 from common.model import GPT, preset_config  # noqa: E402
-from common.train import pick_device  # noqa: E402
+from common.device import pick_device  # noqa: E402
 
 
 PARTS = ("train", "hf", "hellaswag", "generate", "stages")

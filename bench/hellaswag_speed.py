@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from common.cli import parse_args  # noqa: E402
 from common.hellaswag import evaluate  # noqa: E402
 from common.model import GPT, preset_config  # noqa: E402
-from common.train import pick_device, seed_all  # noqa: E402
+from common.device import pick_device  # noqa: E402
+from common.train import seed_all  # noqa: E402
 
 WORDS = (
     "the a man woman child dog ball kitchen table water slowly quickly then after he she they "

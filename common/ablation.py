@@ -30,7 +30,8 @@ from common import UserError, bench
 from common.data import (
     ShardLoader, TextLoader, WindowLoader, get_tokenizer, load_text, shuffled_windows,
 )  # fmt: skip
-from common.train import lr_at, seed_all, step_line, synchronize
+from common.device import synchronize
+from common.train import lr_at, seed_all, step_line
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from common import UserError
 from common.model import GPT, GPT2_VOCAB, preset_config
-from common.train import CPU_BF16_FLAGS, cpu_has_bf16, cpu_info, synchronize
+from common.device import CPU_BF16_FLAGS, cpu_has_bf16, cpu_info, synchronize
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (FLOP/s), matched by GPU name.
 # MFU is only reported against the peak of the GPU actually present, or a measured one.

@@ -48,7 +48,8 @@ from common.checkpoint import (
     RunLock, check_plain, check_resume, list_checkpoints, load_checkpoint, newest_good_checkpoint,
     prune_checkpoints, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
 )  # fmt: skip
-from common.train import MetricsLog, make_tracker, print0
+from common.distributed import print0
+from common.metrics import MetricsLog, make_tracker
 
 PREEMPTED = 75  # exit code after a SIGTERM/SIGUSR1 checkpoint: EX_TEMPFAIL, "run it again"
 STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))

@@ -32,7 +32,8 @@ from common.cli import parse_args
 from common.data import EOT, get_tokenizer
 from common.generate import stream
 from common.hf import from_pretrained
-from common.train import pick_device, seed_all, synchronize
+from common.device import pick_device, synchronize
+from common.train import seed_all
 
 
 @dataclass

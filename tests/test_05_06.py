@@ -218,13 +218,13 @@ def test_a_cpu_without_bf16_math_trains_in_float32(monkeypatch, capsys, flags, h
     """Autocast on a CPU without bf16 instructions emulates bf16 (50-65x slower than fp32 on an
     AVX2 EPYC): --dtype bfloat16 falls back to float32 with one line, 05's bf16 row says why.
     Unknown flags (no /proc/cpuinfo) change nothing."""
-    import common.train
+    import common.device
 
-    monkeypatch.setattr(common.train, "cpu_info", lambda: ("some CPU", flags))
+    monkeypatch.setattr(common.device, "cpu_info", lambda: ("some CPU", flags))
     assert bench.cpu_has_bf16() is has
     want = torch.float32 if has is False else torch.bfloat16
-    assert common.train.amp_dtype("bfloat16", "cpu") is want
+    assert common.device.amp_dtype("bfloat16", "cpu") is want
     said = capsys.readouterr().out
     assert ("no bf16 instructions" in said) is (has is False)
     assert (bench.unavailable("bf16", "cpu") is None) is (has is not False)
-    assert common.train.amp_dtype("float32", "cpu") is torch.float32
+    assert common.device.amp_dtype("float32", "cpu") is torch.float32

@@ -290,7 +290,7 @@ def test_07_removes_stale_temp_files_of_a_killed_save(s07, shards, tmp_path):
 def test_07_records_the_run_shows_eta_and_mirrors_metrics_to_a_tracker(s07, shards, tmp_path,
                                                                         monkeypatch, capsys):  # fmt: skip
     from common import run as run_module
-    from common.train import read_run_header
+    from common.metrics import read_run_header
 
     seen = []
 

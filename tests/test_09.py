@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, load_stage
 from test_stages import STEP_RE, tiny
 
-import common.train
+import common.device
 from common import UserError, ablation
 from common.model import GPT, PRESETS, GPTConfig, preset_config
 
@@ -209,7 +209,7 @@ def test_rows_join_with_plus_and_dtype_reaches_the_harness(s09, monkeypatch):
     seen = {}
     monkeypatch.setattr(ablation, "run_ablation", lambda cfg, rows, build, device, dtype:
                         seen.update(rows=rows, dtype=dtype))  # fmt: skip
-    monkeypatch.setattr(common.train, "cpu_info", lambda: ("a CPU", {"avx512_bf16"}))  # bf16 math
+    monkeypatch.setattr(common.device, "cpu_info", lambda: ("a CPU", {"avx512_bf16"}))  # bf16 math
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         s09.main(s09.Config(device="cpu", rows="baseline,rope+relu2", dtype=name))
         assert seen == dict(rows={"baseline": {}, "rope+relu2": dict(rope=True, mlp="relu2")},

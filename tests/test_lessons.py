@@ -22,7 +22,8 @@ from conftest import ROOT, load_stage
 from common import bench
 from common.data import ShardLoader, TextLoader, shuffled_windows
 from common.model import GPT, GPT2_VOCAB, gpt2_init, preset_config
-from common.train import lr_at, make_optimizer, setup_ddp
+from common.distributed import setup_ddp
+from common.train import lr_at, make_optimizer
 
 # (a, b): (budget of `diff a b | grep -c '^[<>]'`, code the diff must contain)
 LESSONS = {

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from common import UserError
-from common.train import MetricsLog, format_eta, make_tracker, read_run_header
+from common.metrics import MetricsLog, format_eta, make_tracker, read_run_header
 
 
 @dataclass
@@ -173,12 +173,12 @@ def test_format_eta(seconds, text):
 
 def test_header_on_a_gpu_machine(tmp_path, monkeypatch):
     """The CUDA branch without a GPU: what torch and nvidia-smi would say, stubbed."""
-    import common.train as train
+    import common.metrics as metrics
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(train, "_cuda_driver", lambda: "550.54.15")
+    monkeypatch.setattr(metrics, "_cuda_driver", lambda: "550.54.15")
     MetricsLog(tmp_path, run_config={"steps": 1})
     run = read_run_header(tmp_path)
     assert (run["gpu"], run["gpu_count"], run["cuda_driver"]) == (
@@ -189,7 +189,7 @@ def test_header_on_a_gpu_machine(tmp_path, monkeypatch):
 
 
 def test_cuda_driver_without_nvidia_smi(monkeypatch):
-    import common.train as train
+    import common.metrics as metrics
 
     monkeypatch.setenv("PATH", "")  # no nvidia-smi to be found
-    assert train._cuda_driver() is None
+    assert metrics._cuda_driver() is None
