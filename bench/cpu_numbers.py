@@ -1,13 +1,16 @@
-"""Every CPU number the README and BENCHMARKS.md quote, from one run of this script.
+"""Every CPU number the README, docs/ and BENCHMARKS.md quote, from one run of this script.
 
 Runs each stage as a user would (its CPU defaults, a subprocess, wall time from start to
 exit), stage 05's speedup table --rounds times (the spread of each ratio is the noise to
 expect on a rerun), and writes the results to --json. With --write it also rewrites the
-generated blocks of README.md (the stage table) and BENCHMARKS.md (the CPU section), between
+generated blocks of README.md (the stage table, one line per stage), docs/stages.md (the
+same table with more of each stage's output) and BENCHMARKS.md (the CPU section), between
 their `<!-- cpu-numbers:begin -->` / `<!-- cpu-numbers:end -->` markers, so the documents
-never quote a number this script did not just measure.
+never quote a number this script did not just measure. --render-only rewrites the blocks
+from the run already in --json and measures nothing (after an edit of the tables' layout).
 
     python bench/cpu_numbers.py --text input.txt --write      # ~8 min on 2 cores
+    python bench/cpu_numbers.py --render-only                 # the blocks again, in a second
 
 Inputs it makes itself, offline: token shards of --text (common.data + common.fineweb, as
 the README does), a random GPT2LMHeadModel (common.random_model) for 01, and 07's checkpoint
@@ -31,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import bench  # noqa: E402
+from common import UserError, bench  # noqa: E402
 from common.cli import parse_args  # noqa: E402
 from common.data import load_text  # noqa: E402
 
@@ -43,10 +46,11 @@ class Config:
     text: str = ""  # text for stages 02-07 (tiny shakespeare by default)
     rounds: int = 3  # runs of stage 05's table, for the spread of its ratios
     json: str = "bench/cpu_numbers.json"  # where the results go
-    write: bool = False  # rewrite the generated blocks of README.md and BENCHMARKS.md
+    write: bool = False  # rewrite the generated blocks of README.md, docs/stages.md, BENCHMARKS.md
+    render_only: bool = False  # rewrite those blocks from --json's run, measuring nothing
 
 
-# stage: (what it adds, its command as the README gives it, on a GPU at the gpt2 preset)
+# stage: (what it adds, its command as the docs give it, on a GPU at the gpt2 preset)
 STAGES = {
     "00_model": ("the model: parameters by component, loss at init vs ln(vocab), causality, "
                  "an untrained sample", "python 00_model.py",
@@ -83,6 +87,19 @@ STAGES = {
                   "python 09_modern.py --input input.txt",
                   "gpt2 size, 3 seeds per row (`--data-dir` for FineWeb shards)"),
 }  # fmt: skip
+# what each stage adds, in a few words: the README's table
+SHORT = {
+    "00_model": "the GPT-2 model, checked before training",
+    "01_hf_eval": "OpenAI's weights loaded into it",
+    "02_overfit_batch": "training: memorize one batch",
+    "03_dataloader": "a data loader",
+    "04_best_practices": "weight tying, GPT-2 init",
+    "05_speedups": "TF32, bf16, flash attention, vocab 50304, compile",
+    "06_hyperparams": "GPT-3's optimizer and LR schedule",
+    "07_ddp_fineweb": "DDP, FineWeb-Edu shards, validation, checkpoints",
+    "08_hellaswag": "HellaSwag accuracy",
+    "09_modern": "RoPE, RMSNorm, QK-norm, ReLU^2 / SwiGLU, Muon: ablated",
+}
 
 
 def run(args, cwd):
@@ -96,7 +113,7 @@ def run(args, cwd):
 
 
 def key_lines(name, out):
-    """What the README quotes of a stage's output: its headline lines."""
+    """What the docs quote of a stage's output: its headline lines."""
     keep = ("summary:", "parameters:", "loaded ", "max |logit", "hellaswag val:", "saved ",
             "causality:", "loss at init", "row ", "fp32 ", "tf32 ", "bf16 ", "fp16 ", "flash ",
             "vocab ", "compile ", "ours / ")  # fmt: skip
@@ -111,7 +128,7 @@ def measure(cfg, tmp):
     work = tmp / "work"
     work.mkdir()
     (work / "input.txt").write_text(text.read_text())
-    (work / "tests" / "data").mkdir(parents=True)  # 08's examples, at the README's path
+    (work / "tests" / "data").mkdir(parents=True)  # 08's examples, at the docs' path
     fixture = "tests/data/hellaswag_fixture.jsonl"
     (work / fixture).write_text((ROOT / fixture).read_text())
     prep = [["-m", "common.data", "--text", "input.txt", "--docs-jsonl", "docs.jsonl"],
@@ -151,7 +168,20 @@ def ratio_spread(tables):
     return spread
 
 
-def render_readme(res):
+def render_front(res):
+    """The README's table: each stage's command, its summary line and its wall time."""
+    lines = ["| stage | adds | command | last line on CPU (tiny preset) | time |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, (_, command, _) in STAGES.items():
+        s = res["stages"][name]
+        summary = next(x for x in s["lines"] if x.startswith("summary:")).replace("|", "\\|")
+        lines.append(
+            f"| `{name}.py` | {SHORT[name]} | `{command}` | `{summary}` | {s['seconds']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def render_stages(res):
     lines = ["| stage | adds | command | prints on CPU (tiny preset) | on a GPU (gpt2 preset) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, (adds, command, gpu) in STAGES.items():
@@ -209,18 +239,32 @@ def replace_block(path, block):
     path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
 
 
+def blocks(result):
+    """{document: its generated block} for one run (what --json holds)."""
+    return {
+        ROOT / "README.md": render_front(result),
+        ROOT / "docs" / "stages.md": render_stages(result),
+        ROOT / "BENCHMARKS.md": render_benchmarks(result, result),
+    }
+
+
 def main(cfg):
-    meta = dict(date=time.strftime("%Y-%m-%d"), hardware=bench.hardware_name("cpu"),
-                torch=torch.__version__, python=sys.version.split()[0])  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        res = measure(cfg, Path(tmp))
-    result = dict(meta, config=asdict(cfg), **res)
-    Path(cfg.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(render_benchmarks(res, meta))
-    if cfg.write:
-        replace_block(ROOT / "README.md", render_readme(res))
-        replace_block(ROOT / "BENCHMARKS.md", render_benchmarks(res, meta))
-        print("rewrote the generated blocks of README.md and BENCHMARKS.md")
+    if cfg.render_only:  # the run already measured, in new tables
+        if not Path(cfg.json).is_file():
+            raise UserError(f"{cfg.json} not found: run without --render-only to measure")
+        result = json.loads(Path(cfg.json).read_text())
+    else:
+        meta = dict(date=time.strftime("%Y-%m-%d"), hardware=bench.hardware_name("cpu"),
+                    torch=torch.__version__, python=sys.version.split()[0])  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            res = measure(cfg, Path(tmp))
+        result = dict(meta, config=asdict(cfg), **res)
+        Path(cfg.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(render_benchmarks(result, result))
+    if cfg.write or cfg.render_only:
+        for path, block in blocks(result).items():
+            replace_block(path, block)
+        print("rewrote the generated blocks of README.md, docs/stages.md and BENCHMARKS.md")
     return result
 
 
