@@ -240,7 +240,7 @@ def main(cfg):
     device = pick_device(cfg.device)
     rows = ablation.parse_rows(cfg.rows, ROWS)  # unknown rows fail here, before any training
     # bf16 autocast on a GPU, as in stages 05-08. The CPU defaults are float32 (no autocast):
-    # bf16 is slower on CPUs without AMX (README, stage 05's table); --dtype bfloat16 forces it
+    # bf16 is slower on CPUs without AMX (docs/stages.md, 05's table); --dtype bfloat16 forces it
     dtype = amp_dtype(cfg.dtype, device)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32, as in stages 05-08
