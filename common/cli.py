@@ -107,6 +107,8 @@ def parse_args(Config, argv=None):
         elif f.name in getattr(Config, "consts", {}):  # `--resume` alone = consts["resume"]
             const = Config.consts[f.name]
             parser.add_argument(*flags, nargs="?", const=const, help=text)
+        elif {int, str} <= set(typing.get_args(kind)):  # int | str: a number or a word (auto)
+            parser.add_argument(*flags, type=_int_or_word, help=text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) else kind  # Optional[X]
             parser.add_argument(*flags, type=base, help=text)
@@ -119,6 +121,8 @@ def parse_args(Config, argv=None):
     sys.excepthook = _excepthook
     cpu, note = getattr(Config, "cpu", None), None
     if cpu and _no_cuda(cfg):  # on a CPU: its defaults, each where its flag was not given
+        # (or was given as `auto`: --batch-size auto sizes a GPU's batch; a CPU takes its own)
+        given -= {k for k in cpu if getattr(cfg, k) == "auto"}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
         differs = [k for k in defaults if getattr(cfg, k) != defaults[k]]
         used = [f"{k}={getattr(cfg, k)}" for k in differs if k not in given]
@@ -139,6 +143,7 @@ def validate(cfg):
     the first violation raises UserError, e.g. `--batch-size must be a positive integer
     (got 0)`. parse_args calls it; tests and in-process callers may too."""
     rules = {**RULES, **getattr(type(cfg), "rules", {})}
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         rule = rules.get(f.name, ">= 0" if f.name.endswith("_every") else None)
@@ -153,7 +158,11 @@ def validate(cfg):
                 ">= 0": (value >= 0, f"a non-negative {number}"),
                 "(0, 1]": (0 < value <= 1, "a number in (0, 1]"),
             }[rule]
-        else:  # text, switches, None: nothing to check here
+        elif isinstance(value, str) and {int, str} <= set(typing.get_args(hints[f.name])):
+            if value == "auto":  # int | str: a number or auto
+                continue
+            ok, need = False, "a positive integer or auto"
+        else:  # text, switches, None, auto: nothing to check here
             continue
         if not ok:
             raise UserError(f"{flag} must be {need} (got {value})")
@@ -168,6 +177,11 @@ def validate(cfg):
             )
 
 
+def _int_or_word(text):
+    """A flag that is a number or a word: '16' -> 16, 'auto' -> 'auto'."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
 def _no_cuda(cfg):
     import torch
 
@@ -175,8 +189,16 @@ def _no_cuda(cfg):
 
 
 def _excepthook(kind, value, tb):
-    """UserError -> one line on stderr (exit code 1); anything else keeps its traceback."""
+    """UserError -> one line on stderr (exit code 1); so is running out of memory (where,
+    how much, the flag to change: common.plan.out_of_memory); anything else keeps its
+    traceback."""
+    import torch
+
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr)
+    elif issubclass(kind, torch.OutOfMemoryError):
+        from common.plan import out_of_memory
+
+        print(f"error: {out_of_memory(tb)}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, value, tb)
