@@ -17,6 +17,11 @@ B sequences of T tokens; p bytes per activation (2 under bf16/fp16 autocast, 4 i
     activations        L B T (2*4h + 15ph + 4a)      saved for the backward (per layer below)
     logits and loss    B T V (p + 12)                at the start of the backward
 
+That sum is the peak at the start of the backward. At its end the activations are gone,
+but the tied matrix (wte = lm_head, V x h) has two fp32 gradients and their sum beside
+the accumulated one, while the logits are still held: weights + gradients + moments +
+3 * 4Vh + p B T V. The peak is the larger of the two; the second wins only at small B.
+
 The activations follow the accounting of Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models" (arXiv:2205.05198, section 4.1): what each op
 keeps for its backward. Their layer keeps 34 s b h + 5 a s^2 b bytes (16-bit activations,
@@ -133,7 +138,8 @@ def layer_terms(config, T, p, attn="sdpa", compiled=False):
 
 def estimate(config, B, T, dtype="bfloat16", attn="sdpa", compiled=False, gpus=1):
     """Peak bytes of one training step at micro-batch B, per GPU: {item: bytes}, items in
-    the order of the docstring, the total under "peak"."""
+    the order of the docstring, then the two moments the peak can be (the backward's start
+    and end) and the larger under "peak"."""
     p, (N, n_matmul) = HALF[dtype], _counts(tuple(asdict(config).items()))
     tokens, V, h = B * T, config.vocab_size, config.n_embd
     per_layer = sum(b for _, b in layer_terms(config, T, p, attn, compiled))  # per token
@@ -147,7 +153,14 @@ def estimate(config, B, T, dtype="bfloat16", attn="sdpa", compiled=False, gpus=1
         "ln_f input + lm_head input": tokens * (4 + p) * h,
         "logits and loss": tokens * V * ((2 * p + 4) if compiled else (p + 12)),
     }
-    items["peak"] = sum(items.values())
+    start = sum(items.values())  # the moment the backward starts: everything above at once
+    # its end: the activations are freed, but the tied matrix (wte = lm_head) has two fp32
+    # gradients, lm_head's and the embedding's, then their sum, beside the accumulated one;
+    # the logits are still referenced by the training loop. At a small B this is the peak.
+    static = 4 * N * (4 if gpus > 1 else 3) + items["autocast weight copies"]
+    end = static + 3 * 4 * V * h + tokens * V * p
+    items.update({"at the backward's start": start, "at its end (tied embedding)": end})
+    items["peak"] = max(start, end)
     return items
 
 
@@ -226,9 +239,9 @@ def breakdown(cfg, config, sizes, kw):
     width = max(map(len, first)) + 2
     lines = ["GiB".ljust(width) + "".join(f"{'B=' + str(B):>9}" for B in sizes)]
     for item in first:
-        if item == "peak":
+        if item == "at the backward's start":
             lines.append("-" * (width + 9 * len(sizes)))
-        if any(c[item] for c in cols.values()) or item == "peak":
+        if any(c[item] for c in cols.values()):
             lines.append(item.ljust(width) + "".join(f"{gib(c[item]):>9}" for c in cols.values()))
     return lines
 
