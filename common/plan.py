@@ -157,7 +157,7 @@ def estimate(config, B, T, dtype="bfloat16", attn="sdpa", compiled=False, gpus=1
     # its end: the activations are freed, but the tied matrix (wte = lm_head) has two fp32
     # gradients, lm_head's and the embedding's, then their sum, beside the accumulated one;
     # the logits are still referenced by the training loop. At a small B this is the peak.
-    static = 4 * N * (4 if gpus > 1 else 3) + items["autocast weight copies"]
+    static = sum(list(items.values())[:5])  # weights, gradients, moments, copies, buckets
     end = static + 3 * 4 * V * h + tokens * V * p
     items.update({"at the backward's start": start, "at its end (tied embedding)": end})
     items["peak"] = max(start, end)
@@ -391,14 +391,14 @@ def out_of_memory(tb):
         tb = tb.tb_next
     cfg, parts = where.get("cfg"), []
     B, T = getattr(cfg, "batch_size", None), getattr(cfg, "seq_len", None)
-    if "step" in where:
-        micro = where.get("micro_step")
-        accum = where.get("accum_steps")
-        parts.append(f"out of memory at step {where['step']}"
-                     + (f", micro-step {micro + 1} of {accum}" if micro is not None and accum else "")
-                     + (f" (B={B}, T={T})" if B else ""))  # fmt: skip
-    else:
-        parts.append("out of memory before the first step" + (f" (B={B}, T={T})" if B else ""))
+    head = "out of memory"
+    if "step" in where:  # in the training loop (before it: setting up, or an evaluation)
+        head += f" at step {where['step']}"
+        micro, accum = where.get("micro_step"), where.get("accum_steps")
+        if micro is not None and accum:
+            head += f", micro-step {micro + 1} of {accum}"
+    shape = ", ".join(f"{k}={v}" for k, v in (("B", B), ("T", T)) if v is not None)
+    parts.append(head + (f" ({shape})" if shape else ""))
     if torch.cuda.is_available():
         d = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(d)
@@ -424,8 +424,10 @@ def out_of_memory(tb):
         auto = " (or --batch-size auto)" if str in typing.get_args(hint) else ""
         parts.append(f"rerun with --batch-size {B // 2}{same}{auto}: "
                      f"{prog}{' '.join([os.path.basename(sys.argv[0]), *argv])}")  # fmt: skip
-    else:
+    elif B == 1:
         parts.append("even B=1 does not fit: use a smaller --preset or --seq-len")
+    else:  # not in a stage's main(): no config to go by
+        parts.append("rerun with a smaller --batch-size")
     parts.append(f"newest checkpoint: {ckpts[-1] if ckpts else 'none'}")
     return "; ".join(parts)
 
