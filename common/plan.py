@@ -14,7 +14,7 @@ B sequences of T tokens; p bytes per activation (2 under bf16/fp16 autocast, 4 i
     AdamW moments      8N      exp_avg and exp_avg_sq, fp32
     autocast copies    p N_mm  autocast's bf16 copy of each matmul weight, kept for backward
     DDP buckets        4N      with 2+ GPUs: DDP's gradient buckets
-    activations        L B T (2*4h + 15ph + 4a)      saved for the backward (per layer below)
+    activations        L B T (2*4h + 14ph + 4a)      saved for the backward (per layer below)
     logits and loss    B T V (p + 12)                at the start of the backward
 
 That sum is the peak at the start of the backward. At its end the activations are gone,
@@ -34,9 +34,10 @@ Per token and layer:
     c_attn input (ln_1 out)               p h    c_fc input (ln_2 out)            p h
     q, k, v (c_attn out)                  3p h   GELU input (c_fc out)            4p h
     attention output + log-sum-exp        p h + 4a     GELU output (c_proj in)    4p h
-    heads merged (c_proj input)           p h
     manual attention instead of flash: the softmax (fp32) 4aT, and under autocast its
-    bf16 copy for att @ v, 2aT, replace the output + log-sum-exp: T^2 per head is back.
+    bf16 copy for att @ v, 2aT, replace the output + log-sum-exp: T^2 per head is back;
+    and the heads merged into (B, T, h) for c_proj are a copy, p h (flash writes its
+    output in that layout already, so there the merge is free).
 
 The logits and the loss: lm_head gives (B, T, V) logits in p bytes; cross-entropy computes
 in fp32 (autocast upcasts it) and keeps its log-probabilities, 4 bytes; its backward then
@@ -126,7 +127,7 @@ def layer_terms(config, T, p, attn="sdpa", compiled=False):
         terms.append(("attention output + log-sum-exp", p * h + 4 * a))
     else:  # the softmax output, fp32 (autocast runs softmax in fp32), + its bf16 copy
         terms.append(("softmax (T x T per head)", 4 * a * T + (2 * a * T if p == 2 else 0)))
-    if not compiled:
+    if attn == "manual" and not compiled:  # flash lays its output out as (B, T, a, hs) already
         terms.append(("heads merged (c_proj input)", p * h))
     terms += [("ln_2 input (residual, fp32)", 4 * h),
               ("c_fc input (ln_2 out)", p * h),
