@@ -17,6 +17,7 @@ from common.cli import parse_args
 from common.data import TextLoader, get_tokenizer, load_text
 from common.model import GPT, preset_config
 from common.device import amp_dtype, pick_device, synchronize
+from common.plan import fit_batch_size
 from common.train import seed_all, step_line
 
 
@@ -25,7 +26,7 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     preset: str = "gpt2"  # model size: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny
     input: str = ""  # text file to train on; empty: tiny shakespeare (downloaded once)
-    batch_size: int = 16  # sequences per step
+    batch_size: int | str = "auto"  # sequences per micro-step; auto: the most the GPU fits
     seq_len: int = 1024  # tokens per sequence
     steps: int = 50  # optimizer steps
     max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup; min_lr is 10%
@@ -59,6 +60,7 @@ def make_optimizer(model, weight_decay, lr, device):
 def main(cfg):
     device = pick_device(cfg.device)
     seed_all(cfg.seed)
+    cfg = fit_batch_size(cfg, device)  # auto: the planner's B, tried for real (common/plan.py)
     enc = get_tokenizer()
     B, T = cfg.batch_size, cfg.seq_len
 

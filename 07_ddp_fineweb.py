@@ -25,6 +25,7 @@ from common.cli import parse_args
 from common.data import ShardLoader, get_tokenizer
 from common.generate import generate
 from common.model import GPT, preset_config
+from common.plan import fit_batch_size
 from common.run import start_run
 from common.device import amp_dtype, pick_device, synchronize
 from common.distributed import Dist, print0
@@ -36,7 +37,7 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     preset: str = "gpt2"  # model size: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny
     data_dir: str = "data/edu_fineweb10B"  # token shards from `python -m common.fineweb`
-    batch_size: int = 64  # sequences per micro-step, per GPU
+    batch_size: int | str = "auto"  # sequences per micro-step, per GPU; auto: the most it fits
     seq_len: int = 1024  # tokens per sequence
     steps: int = 19073  # optimizer steps: 19,073 x 524,288 tokens ~ 10B tokens, one epoch
     max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup; min_lr is 10%
@@ -123,6 +124,7 @@ def main(cfg):
     ddp = setup_ddp(cfg.device)  # one process, or one of torchrun's
     device = ddp.device
     seed_all(cfg.seed)  # the same weights on every rank
+    cfg = fit_batch_size(cfg, device, ddp.world_size)  # auto: the planner's B, tried for real
     enc = get_tokenizer()
     B, T = cfg.batch_size, cfg.seq_len
 

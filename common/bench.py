@@ -6,9 +6,10 @@ configuration, and print the hardware and torch version next to the numbers.
 """
 
 import json
+import re
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,14 +17,44 @@ from common import UserError
 from common.model import GPT, GPT2_VOCAB, preset_config
 from common.device import CPU_BF16_FLAGS, cpu_has_bf16, cpu_info, synchronize
 
-# bf16 dense tensor-core peaks from the vendors' datasheets (FLOP/s), matched by GPU name.
-# MFU is only reported against the peak of the GPU actually present, or a measured one.
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is lower, see "H100 PCIe" below (checked first)
-    "H100 PCIe": 756e12,
-    "A100": 312e12,
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU as its datasheet gives it: memory, and the dense (no 2:4 sparsity) tensor-core
+    peak in FLOP/s for bf16 and fp16 with fp32 accumulation (bf16 None: the card has none)."""
+
+    memory_gib: float
+    bf16: float | None
+    fp16: float
+    match: tuple  # words of torch.cuda.get_device_name() that pick this card, lower case
+
+
+# The one table of GPUs (common.plan reads it too). MFU is only reported against the peak of
+# the GPU actually present, or a measured one. Sources, dense figures:
+CARDS = {
+    "T4": Card(16, None, 65e12, ("t4",)),  # NVIDIA T4 datasheet: FP16 mixed precision 65 TFLOPS
+    "V100": Card(16, None, 125e12, ("v100",)),  # V100 datasheet (SXM2): tensor 125 TFLOPS
+    # A10G: AWS publishes no datasheet; NVIDIA A10 datasheet: BF16 125 TFLOPS (250 sparse).
+    # The A10G runs lower clocks, so this is its upper bound.
+    "A10G": Card(24, 125e12, 125e12, ("a10g",)),
+    "L4": Card(24, 121e12, 121e12, ("l4",)),  # L4 datasheet: BF16 242 TFLOPS with sparsity
+    "RTX 3090": Card(24, 71e12, 71e12, ("3090",)),  # Ampere GA102 whitepaper, FP32 accumulate
+    "RTX 4090": Card(24, 165.2e12, 165.2e12, ("4090",)),  # Ada whitepaper, FP32 accumulate
+    "L40S": Card(48, 362e12, 362e12, ("l40s",)),  # L40S datasheet: 733 TFLOPS with sparsity
+    "A100 40GB": Card(40, 312e12, 312e12, ("a100", "40gb")),  # A100 datasheet: BF16 312
+    "A100 80GB": Card(80, 312e12, 312e12, ("a100", "80gb")),  # (624 with sparsity)
+    "H100": Card(80, 989e12, 989e12, ("h100",)),  # H100 SXM datasheet: 1,979 with sparsity
+    "H100 PCIe": Card(80, 756e12, 756e12, ("h100", "pcie")),  # H100 PCIe: 1,513 with sparsity
+    "H200": Card(141, 989e12, 989e12, ("h200",)),  # H200 datasheet (SXM): as the H100 SXM
 }
+
+
+def card_for(gpu_name):
+    """(key, Card) of CARDS for a name such as torch.cuda.get_device_name() gives
+    ("NVIDIA A100-SXM4-80GB"), or (None, None). The card naming the most words wins."""
+    words = re.sub(r"[^a-z0-9]+", " ", gpu_name.lower()).split()
+    found = [(len(c.match), k) for k, c in CARDS.items() if all(w in words for w in c.match)]
+    return (max(found)[1], CARDS[max(found)[1]]) if found else (None, None)
 
 
 def hardware_name(device):
@@ -43,14 +74,12 @@ def cpu_model():
 
 
 def known_peak(device):
-    """(name, FLOP/s) of the datasheet bf16 peak for this GPU, or (None, None)."""
+    """(name, FLOP/s) of the datasheet peak for this GPU (bf16, or fp16 on a card without
+    bf16), or (None, None)."""
     if not str(device).startswith("cuda"):
         return None, None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16, key=len, reverse=True):  # most specific first
-        if key in name:
-            return key, PEAK_BF16[key]
-    return None, None
+    name, card = card_for(torch.cuda.get_device_name(device))
+    return (name, card.bf16 or card.fp16) if card else (None, None)
 
 
 def measure_peak(device, n=None, dtype=torch.bfloat16, repeats=10):

@@ -30,6 +30,7 @@ import math
 import re
 import sys
 import typing
+from pathlib import Path
 
 from common import UserError
 
@@ -107,6 +108,8 @@ def parse_args(Config, argv=None):
         elif f.name in getattr(Config, "consts", {}):  # `--resume` alone = consts["resume"]
             const = Config.consts[f.name]
             parser.add_argument(*flags, nargs="?", const=const, help=text)
+        elif {int, str} <= set(typing.get_args(kind)):  # int | str: a number or a word (auto)
+            parser.add_argument(*flags, type=_int_or_word, help=text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) else kind  # Optional[X]
             parser.add_argument(*flags, type=base, help=text)
@@ -119,6 +122,8 @@ def parse_args(Config, argv=None):
     sys.excepthook = _excepthook
     cpu, note = getattr(Config, "cpu", None), None
     if cpu and _no_cuda(cfg):  # on a CPU: its defaults, each where its flag was not given
+        # (or was given as `auto`: --batch-size auto sizes a GPU's batch; a CPU takes its own)
+        given -= {k for k in cpu if getattr(cfg, k) == "auto"}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu.items() if k not in given})
         differs = [k for k in defaults if getattr(cfg, k) != defaults[k]]
         used = [f"{k}={getattr(cfg, k)}" for k in differs if k not in given]
@@ -139,6 +144,7 @@ def validate(cfg):
     the first violation raises UserError, e.g. `--batch-size must be a positive integer
     (got 0)`. parse_args calls it; tests and in-process callers may too."""
     rules = {**RULES, **getattr(type(cfg), "rules", {})}
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         rule = rules.get(f.name, ">= 0" if f.name.endswith("_every") else None)
@@ -153,7 +159,11 @@ def validate(cfg):
                 ">= 0": (value >= 0, f"a non-negative {number}"),
                 "(0, 1]": (0 < value <= 1, "a number in (0, 1]"),
             }[rule]
-        else:  # text, switches, None: nothing to check here
+        elif isinstance(value, str) and {int, str} <= set(typing.get_args(hints[f.name])):
+            if value == "auto":  # int | str: a number or auto
+                continue
+            ok, need = False, "a positive integer or auto"
+        else:  # text, switches, None, auto: nothing to check here
             continue
         if not ok:
             raise UserError(f"{flag} must be {need} (got {value})")
@@ -168,6 +178,11 @@ def validate(cfg):
             )
 
 
+def _int_or_word(text):
+    """A flag that is a number or a word: '16' -> 16, 'auto' -> 'auto'."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
 def _no_cuda(cfg):
     import torch
 
@@ -175,8 +190,74 @@ def _no_cuda(cfg):
 
 
 def _excepthook(kind, value, tb):
-    """UserError -> one line on stderr (exit code 1); anything else keeps its traceback."""
+    """UserError -> one line on stderr (exit code 1); so is running out of memory (where,
+    how much, the flag to change: _out_of_memory); anything else keeps its
+    traceback."""
+    import torch
+
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr)
+    elif issubclass(kind, torch.OutOfMemoryError):
+        print(f"error: {_out_of_memory(tb)}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, value, tb)
+
+def _out_of_memory(tb):
+    """The one line for a torch.OutOfMemoryError: where (step, micro-step, micro-batch, from
+    the stage's main() in the traceback `tb`), how much (peak and card memory), the command
+    to rerun (--batch-size halved, the same tokens per step, or auto) and the newest
+    checkpoint. The error stops the run before the optimizer step and before any save, so no
+    checkpoint is touched."""
+    import os
+    import typing
+
+    import torch
+
+    where = {}
+    while tb is not None:  # the innermost main() of a stage file (NN_name.py)
+        code = tb.tb_frame.f_code
+        if code.co_name == "main" and re.search(r"\d\d_\w+\.py$", code.co_filename):
+            where = tb.tb_frame.f_locals
+        tb = tb.tb_next
+    cfg, parts = where.get("cfg"), []
+    B, T = getattr(cfg, "batch_size", None), getattr(cfg, "seq_len", None)
+    head = "out of memory"
+    if "step" in where:  # in the training loop (before it: setting up, or an evaluation)
+        head += f" at step {where['step']}"
+        micro, accum = where.get("micro_step"), where.get("accum_steps")
+        if micro is not None and accum:
+            head += f", micro-step {micro + 1} of {accum}"
+    shape = ", ".join(f"{k}={v}" for k, v in (("B", B), ("T", T)) if v is not None)
+    parts.append(head + (f" ({shape})" if shape else ""))
+    if torch.cuda.is_available():
+        d = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(d)
+        parts.append(f"peak {torch.cuda.max_memory_allocated(d) / 2**30:.1f} GiB allocated of "
+                     f"{props.total_memory / 2**30:.1f} GiB on {props.name}")  # fmt: skip
+    else:
+        parts.append("no CUDA memory statistics here (peak and card memory unknown)")
+    out = getattr(cfg, "out", None)  # ckpt_{step:06d}.pt: sorted by name is sorted by step
+    ckpts = sorted(Path(out).glob("ckpt_*.pt")) if out else []
+    if isinstance(B, int) and B > 1:
+        argv, given = [], iter(sys.argv[1:])
+        for arg in given:  # the command as given, without its --batch-size
+            if arg in ("--batch-size", "--batch_size"):
+                next(given, None)  # and its value
+            elif not arg.startswith(("--batch-size=", "--batch_size=")):
+                argv.append(arg)
+        argv += ["--batch-size", str(B // 2)]
+        if ckpts and not any(a.startswith("--resume") for a in argv):
+            argv.append("--resume")
+        prog = "torchrun ... " if "RANK" in os.environ else "python "
+        tokens = getattr(cfg, "total_batch", None)
+        same = f", the same {tokens:,} tokens per step" if tokens else ""
+        hint = typing.get_type_hints(type(cfg))["batch_size"]  # int | str: the stage has auto
+        auto = " (or --batch-size auto)" if str in typing.get_args(hint) else ""
+        parts.append(f"rerun with --batch-size {B // 2}{same}{auto}: "
+                     f"{prog}{' '.join([os.path.basename(sys.argv[0]), *argv])}")  # fmt: skip
+    elif B == 1:
+        parts.append("even B=1 does not fit: use a smaller --preset or --seq-len")
+    else:  # not in a stage's main(): no config to go by
+        parts.append("rerun with a smaller --batch-size")
+    parts.append(f"newest checkpoint: {ckpts[-1] if ckpts else 'none'}")
+    return "; ".join(parts)

@@ -32,7 +32,8 @@ LESSONS = {
     ("02_overfit_batch", "03_dataloader"): (60, "class TextLoader"),
     ("03_dataloader", "04_best_practices"): (40, "model.transformer.wte.weight = model.lm_head.weight"),
     ("04_best_practices", "05_speedups"): (80, 'torch.set_float32_matmul_precision("high")'),
-    ("05_speedups", "06_hyperparams"): (80, "math.cos(math.pi * progress)"),
+    # 06: + (issue 27) `--batch-size auto` (4 lines; 05 trains at one fixed batch, no accumulation)
+    ("05_speedups", "06_hyperparams"): (84, "math.cos(math.pi * progress)"),
     # 07: DDP and validation, plus (issue 20) the shuffled order and (issue 19) a store per
     # restart attempt: 218 lines where DDP + validation alone took 191
     ("06_hyperparams", "07_ddp_fineweb"): (225, 'dist.init_process_group(backend="nccl"'),
