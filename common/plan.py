@@ -369,9 +369,6 @@ def try_step(config, B, T, device, dtype="bfloat16"):
                 torch.cuda.empty_cache()
 
 
-# --- out of memory, anywhere: one line (common.cli's excepthook calls it) -------------------
-
-
 
 def main(cfg):
     if cfg.dtype not in HALF:
