@@ -27,6 +27,9 @@ What keeps a run from losing or poisoning its work:
               verify, naming the newest older one that does: silently resuming an older step
               would repeat work and hide the damage, so choosing it is left to the user.
   one writer  RunLock: an exclusive lock on `{out}/.lock` for a run's whole life.
+  background  BackgroundSave writes from a copy in host memory while training goes on, the
+              same file the same way; its temp file is reserved at full size first, so a
+              full disk is said before the loop goes on.
   temp files  remove_stale_temps deletes what saves killed mid-write left behind.
   settings    check_resume refuses a resume that would change the run, unless asked to.
 
