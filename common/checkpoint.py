@@ -345,7 +345,7 @@ def _alive(pid):
 # directory of shards and a .metadata file, read back by its own loader), where ours is one
 # file that torch.load(weights_only=True) reads and one checksum covers, written by rank 0
 # alone. A thread is enough: the long parts of a write (hashing, torch.save's file writes,
-# fsync) run in C with the GIL released, so the training loop goes on meanwhile.
+# fsync) run in C, mostly with the GIL released, so the training loop goes on meanwhile.
 
 
 def snapshot(state, buffers=None):
