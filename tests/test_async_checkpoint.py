@@ -96,7 +96,7 @@ def test_kill_during_the_background_write_keeps_earlier_checkpoints_and_resumes(
     (ckpt,) = rows(out, "checkpoint")  # the save that finished: its stall and write time
     assert ckpt["step"] == 2 and ckpt["stall_s"] >= 0 and ckpt["write_s"] > 0
     killed = {r["step"]: r["loss"] for r in rows(out, "train")}
-    assert sorted(killed) == list(range(6))
+    assert sorted(killed)[:5] == list(range(5))  # step 5's line may be printed, not yet logged
 
     r = subprocess.run([sys.executable, *args_07(shards, out, "--resume", "auto")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -104,7 +104,8 @@ def test_kill_during_the_background_write_keeps_earlier_checkpoints_and_resumes(
     assert "removed 1 unfinished checkpoint temp file(s)" in r.stdout
     assert "resumed from step 2" in r.stdout and not temps(out)
     resumed = {r["step"]: r["loss"] for r in rows(out, "train")}
-    assert resumed == pytest.approx(killed, abs=1e-6)  # steps 2..5 again, the same numbers
+    assert sorted(resumed) == list(range(6))
+    assert {s: resumed[s] for s in killed} == pytest.approx(killed, abs=1e-6)  # the same numbers
     assert [c.name for c in list_checkpoints(out)] == ["ckpt_000002.pt", "ckpt_000004.pt",
                                                        "ckpt_000006.pt"]  # fmt: skip
     assert load_checkpoint(out)["step"] == 6  # verified
