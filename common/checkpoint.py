@@ -27,12 +27,16 @@ What keeps a run from losing or poisoning its work:
               verify, naming the newest older one that does: silently resuming an older step
               would repeat work and hide the damage, so choosing it is left to the user.
   one writer  RunLock: an exclusive lock on `{out}/.lock` for a run's whole life.
+  background  BackgroundSave writes from a copy in host memory while training goes on, the
+              same file the same way; its temp file is reserved at full size first, so a
+              full disk is said before the loop goes on.
   temp files  remove_stale_temps deletes what saves killed mid-write left behind.
   settings    check_resume refuses a resume that would change the run, unless asked to.
 
     python -m common.checkpoint out/          # check every checkpoint in a run directory
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +44,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,70 +192,117 @@ def newest_good_checkpoint(out, before=None):
     return None
 
 
+def checkpoint_state(step, model, model_config, **extra):
+    """What a checkpoint holds before its checksum: the state's own tensors, not copies.
+    Raises TypeError for a value the safe loader would refuse (see check_plain)."""
+    state = dict(step=step, model=clean_state_dict(model.state_dict()),
+                 model_config=asdict(model_config), **extra)  # fmt: skip
+    check_plain(state)  # a value the safe loader refuses would make an unloadable file
+    return state
+
+
 def save_checkpoint(out, step, model, model_config, **extra):
     """Write {out}/ckpt_{step:06d}.pt atomically; `extra` holds optimizer, config, loader, rng.
 
     Refused (UserError, nothing written) when a weight or optimizer moment is nan or inf: such
     a checkpoint could only continue a broken run, and it would push out the good ones."""
-    out = Path(out)
-    state = dict(step=step, model=clean_state_dict(model.state_dict()),
-                 model_config=asdict(model_config), **extra)  # fmt: skip
-    if bad := non_finite(state["model"]) or non_finite(extra.get("optimizer"), "optimizer"):
-        raise UserError(
-            f"not saving step {step}: {bad} holds nan/inf; newest good checkpoint: "
-            f"{newest_good_checkpoint(out) or 'none'}"
-        )
-    check_plain(state)  # a value the safe loader refuses would make an unloadable file
+    state = checkpoint_state(step, model, model_config, **extra)
+    path = Path(out) / f"ckpt_{step:06d}.pt"
+    _refuse_non_finite(path, state)
     state["sha256"] = content_hash(state)
-    path = out / f"ckpt_{step:06d}.pt"
-    if (found := list_checkpoints(out)) and out.is_dir():  # obviously too big: do not start
+    _check_space(path)
+    return _write(path, state)
+
+
+def _refuse_non_finite(path, state):
+    if bad := non_finite(state["model"]) or non_finite(state.get("optimizer"), "optimizer"):
+        raise UserError(f"not saving step {state['step']}: {bad} holds nan/inf; newest good "
+                        f"checkpoint: {newest_good_checkpoint(path.parent) or 'none'}")  # fmt: skip
+
+
+def _check_space(path):
+    """Refuse a save the disk obviously has no room for: less free than the newest checkpoint."""
+    out = path.parent
+    if (found := list_checkpoints(out)) and out.is_dir():
         need, free = found[-1].stat().st_size, shutil.disk_usage(out).free
         if free < need:
             raise UserError(f"not saving {path}: {_mib(free)} free in {out}, a checkpoint needs "
                             f"{_mib(need)}; earlier checkpoints are intact: free space, then "
                             "run again with --resume auto")  # fmt: skip
-    return _write(path, state)
 
 
 def _mib(n):
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _write(path, state):
-    """torch.save to `.{name}.tmpPID` beside `path`, then rename: all or nothing."""
+def _nbytes(state):
+    """Bytes of tensor data in `state`, each storage once (tied weights share one)."""
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                for _, v in _leaves(state) if isinstance(v, torch.Tensor)}  # fmt: skip
+    return sum(storages.values())
+
+
+def _temp(path):
+    return path.parent / f".{path.name}.tmp{os.getpid()}"
+
+
+def _write_failed(path, need, e):
+    """The one-line UserError for a write that failed for want of space or an I/O error; any
+    other exception is re-raised as it is."""
+    cause = e  # torch.save may wrap the OSError: "unexpected pos", "failed writing"
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is None and "writ" not in str(e) and "unexpected pos" not in str(e):
+        raise e
+    why = cause.strerror if cause is not None and cause.strerror else "write failed"
     out = path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{path.name}.tmp{os.getpid()}"
+    return UserError(f"could not write {path} ({why}): a checkpoint needs about "
+                     f"{_mib(need)}, {_mib(shutil.disk_usage(out).free)} free in "
+                     f"{out}; earlier checkpoints are intact: free space, then run again with "
+                     "--resume auto")  # fmt: skip
+
+
+def _write(path, state, f=None):
+    """torch.save to `.{name}.tmpPID` beside `path` (into `f`, that file already open, when
+    given), then rename: all or nothing."""
+    tmp = _temp(path)
     try:
-        with open(tmp, "wb") as f:
+        if f is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             torch.save(state, f)
+            _test_hook(path)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except (OSError, RuntimeError) as e:  # disk full, quota, I/O: older checkpoints untouched
         tmp.unlink(missing_ok=True)
-        cause = e  # torch.save may wrap the OSError: "unexpected pos", "failed writing"
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None and "writ" not in str(e) and "unexpected pos" not in str(e):
-            raise
-        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-                    for _, v in _leaves(state) if isinstance(v, torch.Tensor)}  # tied: once  # fmt: skip
-        need = sum(storages.values())
-        why = cause.strerror if cause is not None and cause.strerror else "write failed"
-        raise UserError(f"could not write {path} ({why}): a checkpoint needs about {_mib(need)}, "
-                        f"{_mib(shutil.disk_usage(out).free)} free in {out}; earlier checkpoints "
-                        "are intact: free space, then run again with --resume auto") from None  # fmt: skip
+        raise _write_failed(path, _nbytes(state), e) from None
     return path
 
 
-def prune_checkpoints(out, keep_last):
+def _test_hook(path):
+    """For tests only: GPT_FROM_SCRATCH_TEST_SAVE=hold:ckpt_000004.pt stops that write here,
+    after torch.save and before fsync and rename, until the process is killed; fail:NAME
+    raises an I/O error here instead."""
+    what, _, name = os.environ.get("GPT_FROM_SCRATCH_TEST_SAVE", "").partition(":")
+    if name == path.name and what == "fail":
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    if name == path.name and what == "hold":
+        sys.stdout.write(f"holding the write of {path} until killed\n")  # one write: one line
+        sys.stdout.flush()
+        threading.Event().wait()
+
+
+def prune_checkpoints(out, keep_last, good=None):
     """Delete all but the newest `keep_last` checkpoints (0 or less keeps everything), but
     never the newest one that verifies: when the kept ones are all damaged, it stays too.
-    Reads back the newest checkpoint(s) to check them."""
+    Reads back the newest checkpoint(s) to check them, unless `good` names the newest
+    checkpoint, just verified."""
     if keep_last > 0:
         doomed = list_checkpoints(out)[:-keep_last]
-        good = newest_good_checkpoint(out) if doomed else None
+        good = good or (newest_good_checkpoint(out) if doomed else None)
         for p in doomed:
             if p != good:
                 p.unlink(missing_ok=True)
@@ -285,6 +337,143 @@ def _alive(pid):
     except PermissionError:  # it exists, and belongs to someone else
         return True
     return True
+
+
+# --- saving in the background --------------------------------------------------------------
+#
+# A thread, not torch.distributed.checkpoint.async_save: async_save writes its own format (a
+# directory of shards and a .metadata file, read back by its own loader), where ours is one
+# file that torch.load(weights_only=True) reads and one checksum covers, written by rank 0
+# alone. A thread is enough: the long parts of a write (hashing, torch.save's file writes,
+# fsync) run in C, mostly with the GIL released, so the training loop goes on meanwhile.
+
+
+def snapshot(state, buffers=None):
+    """-> (copy, buffers, ready): `state` with every tensor copied into host memory (pinned
+    when it lives on a GPU), so training may change the originals while the copy is written.
+
+    Copied storage by storage, so tensors that share one (tied weights) share one in the copy,
+    and torch.save writes it once, as it would the originals. `buffers` (source storage ->
+    host copy, from the previous snapshot) are reused: allocating (and pinning) a checkpoint's
+    worth of memory costs more than copying into it. `ready`: a CUDA event to synchronize on
+    before reading the copy (GPU copies run asynchronously), or None."""
+    buffers, new, ready = buffers or {}, {}, None
+
+    def copy(v):
+        if isinstance(v, dict):
+            return {k: copy(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(copy(x) for x in v)
+        if not isinstance(v, torch.Tensor):
+            return v  # str, int, float, bool, None: never changed in place
+        v = v.detach()
+        source = v.untyped_storage()
+        if not source.nbytes():
+            return v.cpu().clone()
+        key = (v.device, source.data_ptr(), source.nbytes())
+        if key not in new:
+            buf = buffers.get(key)
+            if buf is None:
+                buf = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=v.is_cuda)
+            raw = torch.empty(0, dtype=torch.uint8, device=v.device).set_(source)
+            if v.device.type == "cpu":  # a plain memcpy: copy_ would wake torch's thread pool
+                np.copyto(buf.numpy(), raw.numpy())  # for each of ~200 tensors, mostly small
+            else:  # a GPU's: asynchronous, yet ordered before the next step's kernels
+                buf.copy_(raw, non_blocking=v.is_cuda)
+            new[key] = buf
+        host = new[key].untyped_storage()
+        return torch.empty(0, dtype=v.dtype).set_(host, v.storage_offset(), v.shape, v.stride())
+
+    state = copy(state)
+    if any(device.type == "cuda" for device, _, _ in new):
+        ready = torch.cuda.Event()
+        ready.record()  # after the copies, on the stream that made them
+    return state, new, ready
+
+
+class BackgroundSave:
+    """Writes one checkpoint in a thread; start it with `begin`.
+
+    In the caller, before it returns: the space check, the temp file with the checkpoint's
+    size reserved on disk (so a full disk is said at once, not later from the thread), and
+    the snapshot. In the thread: the nan/inf refusal, the checksum, torch.save into the temp
+    file, fsync, the rename, with `verify` reading the file back and checking it, then
+    pruning to `keep_last`. `wait()` returns the path, or raises what the thread raised;
+    `write_s` is how long the thread took."""
+
+    def __init__(self, path, state, ready, f, keep_last, verify):
+        self.path, self.step, self.write_s, self.error = path, state["step"], None, None
+        args = (state, ready, f, keep_last, verify)
+        self.thread = threading.Thread(target=self._run, args=args, name=f"save {path.name}")
+        self.thread.start()  # not a daemon: an ending process waits for the write to finish
+
+    @classmethod
+    def begin(cls, out, step, model, model_config, keep_last=0, verify=False, buffers=None,
+              **extra):  # fmt: skip
+        """-> (BackgroundSave, buffers to pass to the next one). Raises UserError when the disk
+        has no room for it, TypeError for a value the safe loader would refuse."""
+        state = checkpoint_state(step, model, model_config, **extra)
+        path = Path(out) / f"ckpt_{step:06d}.pt"
+        _check_space(path)
+        f = _reserve(path, _nbytes(state))
+        try:
+            state, buffers, ready = snapshot(state, buffers)
+        except BaseException:
+            f.close()
+            _temp(path).unlink(missing_ok=True)
+            raise
+        return cls(path, state, ready, f, keep_last, verify), buffers
+
+    def _run(self, state, ready, f, keep_last, verify):
+        t0 = time.perf_counter()
+        try:
+            if ready is not None:
+                ready.synchronize()  # the GPU -> host copies have landed
+            try:
+                _refuse_non_finite(self.path, state)
+                state["sha256"] = content_hash(state)
+            except BaseException:
+                f.close()
+                _temp(self.path).unlink(missing_ok=True)
+                raise
+            _write(self.path, state, f)
+            if verify and (why := verify_checkpoint(self.path)):
+                raise UserError(f"checkpoint {self.path} {why}, read back right after it was "
+                                "written: check the disk and memory of this machine")  # fmt: skip
+            prune_checkpoints(self.path.parent, keep_last, good=self.path if verify else None)
+        except BaseException as e:  # handed to the training loop by wait()
+            self.error = e
+        self.write_s = time.perf_counter() - t0
+
+    def done(self, wait=False):
+        if wait:
+            self.thread.join()
+        return not self.thread.is_alive()
+
+    def wait(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+
+def _reserve(path, nbytes):
+    """Create `path`'s temp file with `nbytes` reserved on disk, and return it open: ENOSPC
+    now rather than halfway through a background write. (Where a filesystem cannot reserve,
+    posix_fallocate writes the zeros itself.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp(path)
+    f = open(tmp, "wb")
+    try:
+        if hasattr(os, "posix_fallocate"):  # Linux, BSD; not macOS or Windows
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f  # cannot reserve here: the write will say if the disk fills
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, nbytes, e) from None
+    return f
 
 
 # --- loading --------------------------------------------------------------------------------

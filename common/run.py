@@ -27,9 +27,18 @@ Faults, and what the run does:
                   step, all-reduces the flags, so every rank stops after the same step: rank 0
                   writes one checkpoint, all exit with PREEMPTED (75, EX_TEMPFAIL).
   a full disk     save() refuses to start a checkpoint the disk has no room for (less free
-                  than the newest checkpoint), and a save that fails (ENOSPC, I/O error)
-                  leaves no temp file; either way every rank stops before the next step, rank
-                  0 with one line naming the path and the space a checkpoint needs.
+                  than the newest checkpoint, or its size cannot be reserved), and a save that
+                  fails (ENOSPC, I/O error) leaves no temp file; either way every rank stops,
+                  rank 0 with one line naming the path and the space a checkpoint needs.
+
+Checkpoints are written in the background (common.checkpoint.BackgroundSave): save() blocks
+the loop only while it copies the state into host memory, which stays allocated for the next
+save (about one checkpoint's size in RAM); one save at a time. What a background write did
+is reported at the first check after it ends (save(), preempted(), check_finite(), close()):
+`saved PATH`, and a "checkpoint" line in metrics.jsonl with stall_s (the loop blocked, waiting
+for the previous save included) and write_s (the thread's time). Its error stops every rank
+at that check; under DDP it rides on preempted()'s all-reduce, so no step pays an extra sync.
+The save before a stop, and the last one, wait until the file is written and verifies.
 """
 
 import math
@@ -45,8 +54,8 @@ import torch.distributed as dist
 
 from common import UserError, bench
 from common.checkpoint import (
-    RunLock, check_plain, check_resume, list_checkpoints, load_checkpoint, newest_good_checkpoint,
-    prune_checkpoints, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
+    BackgroundSave, RunLock, check_plain, check_resume, list_checkpoints, load_checkpoint,
+    newest_good_checkpoint, remove_stale_temps, rng_state, set_rng_state,
 )  # fmt: skip
 from common.distributed import print0
 from common.metrics import MetricsLog, make_tracker
@@ -66,6 +75,7 @@ class Run:
         self.flops = bench.flops_per_token(model, cfg.seq_len)  # per token, forward + backward
         self.peak = bench.known_peak(device)[1]  # the GPU's datasheet bf16 FLOP/s, or None
         self._eta_from = None  # (time, step) after the first step: compilation is not typical
+        self.saving, self.buffers, self.stopping = None, None, False  # rank 0's save in flight
 
     def tokens_at(self, step):
         """Tokens trained on before `step`, across a resume that changed --total-batch."""
@@ -82,6 +92,8 @@ class Run:
         scaling = scaler is not None and scaler.is_enabled()
         if math.isfinite(float(loss)) and (scaling or math.isfinite(float(norm))):
             return
+        if error := self._saved(wait=True):  # the save in flight first: it is the newest
+            raise error
         good = newest_good_checkpoint(self.cfg.out) if self.master else None
         raise UserError(
             f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g}: stopped "
@@ -90,20 +102,29 @@ class Run:
         )
 
     def save(self, step):
-        """Every rank calls it; rank 0 writes the checkpoint after `step` steps, then prunes to
-        --keep-last. When that fails (a full disk, nan/inf), every rank stops here: rank 0
-        with its one-line UserError, the others quietly (exit code 1)."""
-        error = None
+        """Every rank calls it; rank 0 copies the state after `step` steps into host memory
+        and returns, while a thread writes the checkpoint, then prunes to --keep-last. A save
+        waits for the one before it; the save before a stop (see preempted) and the last one
+        wait until the file is written and verifies. When a save fails (a full disk, nan/inf),
+        every rank stops here or at the next preempted(): rank 0 with its one-line UserError,
+        the others quietly (exit code 1)."""
+        error, t0, wait = None, time.perf_counter(), self.stopping or step >= self.cfg.steps
         if self.master:
             try:
-                self.newest = save_checkpoint(
-                    self.cfg.out, step, self.model, self.model.config,
-                    optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
+                if error := self._saved(wait=True):  # one save at a time
+                    raise error
+                waited = time.perf_counter() - t0
+                self.saving, self.buffers = BackgroundSave.begin(
+                    self.cfg.out, step, self.model, self.model.config, self.cfg.keep_last, wait,
+                    self.buffers, optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
                     loader=self.loader.state_dict(), rng=rng_state(), tokens=self.tokens_at(step),
                 )  # fmt: skip
-                prune_checkpoints(self.cfg.out, self.cfg.keep_last)
-                print(f"saved {self.newest}")
-            except UserError as e:
+                if wait:  # the save before a stop, and the last: the loop waits for the write
+                    self.saving.done(wait=True)
+                self.saving.waited_s, self.saving.stall_s = waited, time.perf_counter() - t0
+                if wait and (error := self._saved(wait=True)):
+                    raise error
+            except Exception as e:  # UserError: one line; anything else keeps its traceback
                 error = e
         if self.world_size > 1 and self._any(error is not None) and error is None:
             raise SystemExit(1)  # rank 0 failed to save and says why
@@ -111,11 +132,32 @@ class Run:
             raise error
         return self.newest
 
+    def _saved(self, wait=False):
+        """Rank 0: report the background save once it is over (with `wait`, once it is over
+        at all): `saved PATH` and its metrics line; return what it raised, or None."""
+        job = self.saving
+        if job is None or not (wait or job.done()):
+            return None
+        self.saving = None
+        try:
+            self.newest = job.wait()
+        except Exception as e:  # UserError: one line; anything else keeps its traceback
+            return e
+        print(f"saved {self.newest}")
+        self.log(step=job.step, split="checkpoint", path=str(self.newest),
+                 stall_s=round(job.stall_s, 4), waited_s=round(job.waited_s, 4),
+                 write_s=round(job.write_s, 4))  # fmt: skip
+        return None
+
     def _any(self, flag):
         """Whether `flag` is true on any rank (an all-reduce: every rank must call it)."""
-        t = torch.tensor(float(flag), device=self.device)
+        return bool(self._max(flag))
+
+    def _max(self, value):
+        """The largest of every rank's `value` (an all-reduce: every rank must call it)."""
+        t = torch.tensor(float(value), device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def catch_signals(self):
         """SIGTERM (SLURM, Kubernetes, spot instances, torchrun shutting down) and SIGUSR1
@@ -136,9 +178,17 @@ class Run:
 
     def preempted(self):
         """Every rank, after every step: whether a stop signal reached any rank. One flag
-        all-reduced, so all ranks agree on the step they stop after."""
-        got = self.signal is not None
-        return self._any(got) if self.world_size > 1 else got
+        all-reduced, so all ranks agree on the step they stop after. The same all-reduce says
+        whether rank 0's background save failed: then every rank stops here, rank 0 with
+        its error, the others quietly (exit code 1); a step costs no other sync."""
+        error = self._saved() if self.master else None  # does not wait: a look at the thread
+        flag = 2 if error else int(self.signal is not None)  # 2: a save failed; 1: a signal
+        if self.world_size > 1:
+            flag = self._max(flag)
+        if flag == 2:
+            raise error or SystemExit(1)
+        self.stopping = flag == 1
+        return self.stopping
 
     def stop(self, step):
         """After preempted() and save(step): wait for rank 0's checkpoint, then exit with
@@ -169,6 +219,7 @@ class Run:
         return (now - t) / (step - s) * (self.cfg.steps - step - 1)
 
     def close(self):
+        error = self._saved(wait=True)  # no thread writes into --out once its lock is free
         if self.metrics:
             self.metrics.close()
         if self.lock:
@@ -176,6 +227,8 @@ class Run:
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)
         self._handlers = {}
+        if error:
+            raise error
 
 
 def _distributed():

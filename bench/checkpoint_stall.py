@@ -1,0 +1,84 @@
+"""How long a checkpoint stops the training loop: the blocking save (save_checkpoint, then
+pruning: what Run.save did before issue 28) against the background one (BackgroundSave:
+the loop waits for the host copy only), with a plain torch.save of the same state and a
+bare memcpy of the same bytes (the floor) side by side, in one process.
+
+    python bench/checkpoint_stall.py --preset gpt2 --repeats 4 --out /tmp/stall
+
+The state is stage 07's: the model (vocab 50304, tied weights) and its AdamW moments after
+one step, the RNG states; B=1, T=64 on the CPU. Prints one line per round, then medians."""
+
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import checkpoint as C  # noqa: E402
+from common.cli import parse_args  # noqa: E402
+from common.model import GPT, preset_config  # noqa: E402
+from common.train import make_optimizer  # noqa: E402
+
+
+@dataclass
+class Config:
+    preset: str = "gpt2"  # model size
+    repeats: int = 4  # rounds; the first background round also allocates the host copy
+    out: str = "/tmp/checkpoint_stall"  # scratch directory (deleted at the end)
+
+
+def main(cfg):
+    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True, attn="sdpa",
+                           vocab_size=50304)  # fmt: skip
+    model = GPT(config)
+    optimizer = make_optimizer(model, 0.1, 6e-4, "cpu")
+    x = torch.randint(0, 50257, (1, 64))
+    model(x, x)[1].backward()
+    optimizer.step()
+    out = Path(cfg.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    def extra():
+        return dict(optimizer=optimizer.state_dict(), rng=C.rng_state(), tokens=64)
+
+    times, buffers = {}, None
+    for r in range(cfg.repeats):
+        t0 = time.perf_counter()
+        torch.save(dict(model=model.state_dict(), **extra()), out / "plain.pt")
+        t1 = time.perf_counter()
+        C.save_checkpoint(out / "blocking", r + 1, model, config, **extra())
+        C.prune_checkpoints(out / "blocking", 3)
+        t2 = time.perf_counter()
+        job, buffers = C.BackgroundSave.begin(out / "background", r + 1, model, config, 3, False,
+                                              buffers, **extra())  # fmt: skip
+        t3 = time.perf_counter()
+        job.wait()
+        state = C.checkpoint_state(r + 1, model, config, **extra())
+        t4 = time.perf_counter()
+        for _, v in C._leaves(state):  # the same bytes into the same buffers, nothing else
+            if isinstance(v, torch.Tensor) and (s := v.untyped_storage()).nbytes():
+                if (buf := buffers.get((v.device, s.data_ptr(), s.nbytes()))) is not None:
+                    np.copyto(buf.numpy(), torch.empty(0, dtype=torch.uint8).set_(s).numpy())
+        t5 = time.perf_counter()
+        row = {"torch.save": t1 - t0, "blocking save": t2 - t1, "background stall": t3 - t2,
+               "background write": job.write_s, "memcpy": t5 - t4}  # fmt: skip
+        for k, v in row.items():
+            times.setdefault(k, []).append(v)
+        print(f"round {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()), flush=True)
+    size = C.list_checkpoints(out / "background")[-1].stat().st_size
+    medians = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    print(f"summary: {cfg.preset}, checkpoint {size / 2**30:.2f} GiB, medians of {cfg.repeats} "
+          f"rounds (s): {medians}; torch {torch.__version__}")  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    return medians
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))
