@@ -59,8 +59,10 @@ def main(cfg):
     # 1. where the parameters are
     table = param_table(model)
     total = model.num_params()
-    print(f"model: preset {cfg.preset}, {config.n_layer} layers, {config.n_head} heads, "
-          f"n_embd {config.n_embd}, block_size {config.block_size}, on {device}")  # fmt: skip
+    print(
+        f"model: preset {cfg.preset}, {config.n_layer} layers, {config.n_head} heads, "
+        f"n_embd {config.n_embd}, block_size {config.block_size}, on {device}"
+    )
     print(f"{'component':<24} {'parameters':>14} {'share':>7}")
     for name, n in table.items():
         print(f"{name:<24} {n:>14,} {n / total:>7.1%}")
@@ -73,9 +75,8 @@ def main(cfg):
     with torch.no_grad():
         _, loss = model(x[:, :-1], x[:, 1:])
     ln_vocab = math.log(config.vocab_size)
-    print(
-        f"loss at init {loss.item():.4f} vs ln(vocab_size) = ln({config.vocab_size}) = {ln_vocab:.4f}"
-    )
+    uniform = f"ln(vocab_size) = ln({config.vocab_size}) = {ln_vocab:.4f}"
+    print(f"loss at init {loss.item():.4f} vs {uniform}")
 
     # 3. causality: change the tokens from position t on; logits before t must not move
     t = cfg.seq_len // 2
@@ -87,8 +88,10 @@ def main(cfg):
         lb, _ = model(b)
     before = (la[0, :t] - lb[0, :t]).abs().max().item()
     after = (la[0, t:] - lb[0, t:]).abs().max().item()
-    print(f"causality: changed tokens {t}..{cfg.seq_len - 1}; max |logit change| at "
-          f"positions < {t}: {before:.2e}, at positions >= {t}: {after:.2e}")  # fmt: skip
+    print(
+        f"causality: changed tokens {t}..{cfg.seq_len - 1}; max |logit change| at "
+        f"positions < {t}: {before:.2e}, at positions >= {t}: {after:.2e}"
+    )
 
     # 4. sampling from an untrained model: valid tokens, no meaning yet
     prompt = torch.tensor([enc.encode("Hello, I'm a language model,")], device=device)
@@ -97,12 +100,19 @@ def main(cfg):
     sample = enc.decode(out[0].tolist())
     print(f"untrained sample: {sample!r}")
 
-    print(f"summary: {total:,} parameters; loss at init {loss.item():.3f} "
-          f"(uniform guess {ln_vocab:.3f}); causal: {before == 0.0}")  # fmt: skip
+    print(
+        f"summary: {total:,} parameters; loss at init {loss.item():.3f} "
+        f"(uniform guess {ln_vocab:.3f}); causal: {before == 0.0}"
+    )
     return dict(
-        params=total, table=table, loss_init=loss.item(), ln_vocab=ln_vocab,
-        causal_before=before, causal_after=after, sample=sample,
-    )  # fmt: skip
+        params=total,
+        table=table,
+        loss_init=loss.item(),
+        ln_vocab=ln_vocab,
+        causal_before=before,
+        causal_after=after,
+        sample=sample,
+    )
 
 
 if __name__ == "__main__":

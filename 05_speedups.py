@@ -36,7 +36,15 @@ class Config:
     timed: int = 21  # timed steps per row, in interleaved rounds; the median is reported
     compare_hf: bool = False  # also time transformers' GPT2LMHeadModel, same settings
     json: str = ""  # write the table to this JSON file
-    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, lr=1e-3, compile=False, timed=6)  # fmt: skip
+    cpu: ClassVar[dict] = dict(
+        preset="tiny",
+        batch_size=8,
+        seq_len=64,
+        steps=30,
+        lr=1e-3,
+        compile=False,
+        timed=6,
+    )
     rules: ClassVar[dict] = dict(steps=">= 0")  # --steps 0: the table alone
 
 
@@ -59,13 +67,19 @@ def main(cfg):
     dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # T4, V100
-    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04, in common/
-                           attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
-                           vocab_size=50304)  # 128 * 393: a shape kernels tile evenly  # fmt: skip
+    config = preset_config(
+        cfg.preset,
+        tie_weights=True,
+        gpt2_init=True,  # stage 04, in common/
+        attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
+        vocab_size=50304,  # 128 * 393: a shape kernels tile evenly
+    )
     raw_model = GPT(config).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model  # compile: a few fused kernels
-    print(f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
-          f"compile {cfg.compile}")  # fmt: skip
+    print(
+        f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
+        f"compile {cfg.compile}"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
 
     losses = []

@@ -37,8 +37,16 @@ class Config:
     seed: int = 1337  # same seed, same weights, same run
     dtype: str = "bfloat16"  # autocast dtype: bfloat16, float16 (+ GradScaler) or float32 (off)
     compile: bool = True  # torch.compile the model (off on a CPU: compiling outlasts 30 steps)
-    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=30, max_lr=2e-3,
-                               warmup_steps=5, total_batch=1024, compile=False)  # fmt: skip
+    cpu: ClassVar[dict] = dict(
+        preset="tiny",
+        batch_size=8,
+        seq_len=64,
+        steps=30,
+        max_lr=2e-3,
+        warmup_steps=5,
+        total_batch=1024,
+        compile=False,
+    )
 
 
 def lr_at(step, max_lr, warmup_steps, max_steps):
@@ -51,8 +59,10 @@ def lr_at(step, max_lr, warmup_steps, max_steps):
 
 def make_optimizer(model, weight_decay, lr, device):
     """AdamW, GPT-3's betas; weight decay on matmuls and embeddings, not biases and norms."""
-    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]  # fmt: skip
+    groups = [
+        dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+        dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0),
+    ]
     fused = str(device).startswith("cuda")  # one CUDA kernel for all parameters, not a loop
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
@@ -77,13 +87,19 @@ def main(cfg):
     dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # T4, V100
-    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04, in common/
-                           attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
-                           vocab_size=50304)  # 128 * 393: a shape kernels tile evenly  # fmt: skip
+    config = preset_config(
+        cfg.preset,
+        tie_weights=True,
+        gpt2_init=True,  # stage 04, in common/
+        attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
+        vocab_size=50304,  # 128 * 393: a shape kernels tile evenly
+    )
     raw_model = GPT(config).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model  # compile: a few fused kernels
-    print(f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
-          f"compile {cfg.compile}; {accum_steps} micro-steps of {B}x{T} per step")  # fmt: skip
+    print(
+        f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
+        f"compile {cfg.compile}; {accum_steps} micro-steps of {B}x{T} per step"
+    )
     optimizer = make_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device)
 
     losses, norms = [], []
@@ -110,10 +126,12 @@ def main(cfg):
         dt = time.perf_counter() - t0
         losses.append(loss_accum.item())
         norms.append(norm.item())
-        print(step_line(step, losses[-1], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=cfg.total_batch / dt))  # fmt: skip
+        tok_s = cfg.total_batch / dt
+        print(step_line(step, losses[-1], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=tok_s))
 
     print(
-        f"summary: {cfg.steps} steps of {cfg.total_batch:,} tokens: loss {losses[0]:.3f} -> {losses[-1]:.4f}"
+        f"summary: {cfg.steps} steps of {cfg.total_batch:,} tokens: "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.4f}"
     )
     return dict(losses=losses, final_loss=losses[-1], norms=norms)
 

@@ -6,7 +6,8 @@ training windows in a fresh seeded order every epoch, and validation (the same w
 number of processes). Samples, checkpoints with an exact --resume, metrics.jsonl and HellaSwag
 come from common/. Shards come from `python -m common.fineweb` (shard 0 is validation).
 
-Run: torchrun --standalone --nproc_per_node=8 07_ddp_fineweb.py   (one GPU: python 07_ddp_fineweb.py)
+Run: torchrun --standalone --nproc_per_node=8 07_ddp_fineweb.py
+One GPU: python 07_ddp_fineweb.py
 No GPU: python 07_ddp_fineweb.py --data-dir data/tiny   (the README makes data/tiny in a minute)
 """
 
@@ -63,9 +64,21 @@ class Config:
     allow_config_change: bool = False  # let --resume change steps, batch, lr ... (logged)
     wandb: str = ""  # also log every metric to this Weights & Biases project (pip install wandb)
     consts: ClassVar[dict] = dict(resume="latest")
-    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=8, seq_len=64, steps=40, max_lr=2e-3,
-                               warmup_steps=5, total_batch=1024, compile=False, val_every=10,
-                               val_steps=2, sample_every=20, ckpt_every=20, hellaswag_every=0)  # fmt: skip
+    cpu: ClassVar[dict] = dict(
+        preset="tiny",
+        batch_size=8,
+        seq_len=64,
+        steps=40,
+        max_lr=2e-3,
+        warmup_steps=5,
+        total_batch=1024,
+        compile=False,
+        val_every=10,
+        val_steps=2,
+        sample_every=20,
+        ckpt_every=20,
+        hellaswag_every=0,
+    )
     rules: ClassVar[dict] = dict(hellaswag_protocol=hellaswag.CHOICES)
 
 
@@ -79,7 +92,8 @@ def setup_ddp(device):
     kw = {}  # init_process_group finds the store at MASTER_ADDR:MASTER_PORT
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept over
         # restarts (torch 2.13): a restarted rank must not read the dead attempt's addresses
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)  # fmt: skip
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(addr, port, is_master=False)
         prefix = f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/"  # each attempt its own keys
         kw = dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
     if device in ("auto", "cuda") and torch.cuda.is_available():
@@ -130,27 +144,35 @@ def main(cfg):
 
     # data: each rank reads its own (B, T) window of every micro-step from the token shards
     if cfg.total_batch % (B * T * ddp.world_size):
-        raise UserError(f"--total-batch {cfg.total_batch} is not a multiple of B*T*GPUs = {B * T * ddp.world_size}")  # fmt: skip
+        micro = B * T * ddp.world_size
+        raise UserError(f"--total-batch {cfg.total_batch} is not a multiple of B*T*GPUs = {micro}")
     accum_steps = cfg.total_batch // (B * T * ddp.world_size)  # micro-batches per optimizer step
     shuffle = shuffled_windows if cfg.shuffle else None  # None: consecutive, as stage 03
-    train_loader = ShardLoader(cfg.data_dir, "train", B, T, ddp.rank, ddp.world_size,
-                               cfg.total_batch, shuffle=shuffle, seed=cfg.seed)  # fmt: skip
-    val_loader = ShardLoader(cfg.data_dir, "val", B, T, ddp.rank, ddp.world_size, cfg.total_batch)
+    share = (ddp.rank, ddp.world_size, cfg.total_batch)  # which windows of a step are this rank's
+    train_loader = ShardLoader(cfg.data_dir, "train", B, T, *share, shuffle=shuffle, seed=cfg.seed)
+    val_loader = ShardLoader(cfg.data_dir, "val", B, T, *share)
     val_steps = cfg.val_steps * accum_steps  # micro-steps: val_steps x total_batch tokens in all
 
     torch.set_float32_matmul_precision("high")  # tf32: fp32 matmuls on tensor cores (10-bit)
     dtype = amp_dtype(cfg.dtype, device)  # autocast to bfloat16: fp32's range, fewer digits
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # T4, V100
-    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04, in common/
-                           attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
-                           vocab_size=50304)  # 128 * 393: a shape kernels tile evenly  # fmt: skip
+    config = preset_config(
+        cfg.preset,
+        tie_weights=True,
+        gpt2_init=True,  # stage 04, in common/
+        attn="sdpa",  # flash attention: one fused kernel, no (T, T) matrix
+        vocab_size=50304,  # 128 * 393: a shape kernels tile evenly
+    )
     raw_model = GPT(config).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model  # compile: a few fused kernels
     if ddp.enabled:  # DDP averages the gradients of all processes during backward
         model = DDP(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
-    print0(f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
-           f"compile {cfg.compile}; {ddp.world_size} processes x {accum_steps} micro-steps of {B}x{T} per step")  # fmt: skip
+    print0(
+        f"parameters: {raw_model.num_params():,}; {dtype}, flash attention, vocab 50304, "
+        f"compile {cfg.compile}; {ddp.world_size} processes x {accum_steps} micro-steps of "
+        f"{B}x{T} per step"
+    )
     optimizer = make_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device)
     # one writer per --out, metrics.jsonl; --resume: weights, optimizer, step, data position, RNGs
     run = start_run(cfg, raw_model, optimizer, train_loader, ddp.master)
@@ -207,9 +229,11 @@ def main(cfg):
         dt = time.perf_counter() - t0
         losses[step] = loss_accum.item()
         norms.append(norm.item())
-        print0(step_line(step, losses[step], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=cfg.total_batch / dt, total=cfg.steps, eta=run.eta(step)))  # fmt: skip
-        run.log(step=step, split="train", loss=losses[step], lr=lr, norm=norms[-1], dt=dt,
-                tokens_per_s=cfg.total_batch / dt, mfu=run.mfu(dt), tokens=run.tokens_at(step + 1))  # fmt: skip
+        tok_s, eta = cfg.total_batch / dt, run.eta(step)
+        print0(step_line(step, losses[step], lr, norms[-1], dt, tok_s, total=cfg.steps, eta=eta))
+        record = dict(loss=losses[step], lr=lr, norm=norms[-1], dt=dt, tokens_per_s=tok_s)
+        record.update(mfu=run.mfu(dt), tokens=run.tokens_at(step + 1))  # tokens trained on so far
+        run.log(step=step, split="train", **record)
         preempted = run.preempted()  # SIGTERM/SIGUSR1 reached a rank: all stop after this step
         if preempted or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last:
             run.save(step + 1)  # rank 0 writes; the model, optimizer and loader given above
@@ -217,14 +241,16 @@ def main(cfg):
             run.stop(step + 1)  # exit code 75: the same command with --resume auto goes on
 
     val = f"{val_losses[max(val_losses)]:.4f}" if val_losses else "n/a (not evaluated)"
-    print0(f"summary: steps {run.start_step}..{cfg.steps} of {cfg.total_batch:,} tokens on "
-           f"{ddp.world_size} process(es): train loss {losses[min(losses)]:.4f} -> "
-           f"{losses[max(losses)]:.4f}, val loss {val}, newest checkpoint {run.newest}")  # fmt: skip
+    print0(
+        f"summary: steps {run.start_step}..{cfg.steps} of {cfg.total_batch:,} tokens on "
+        f"{ddp.world_size} process(es): train loss {losses[min(losses)]:.4f} -> "
+        f"{losses[max(losses)]:.4f}, val loss {val}, newest checkpoint {run.newest}"
+    )
     run.close()  # releases --out for the next run
     if ddp.enabled:
         dist.destroy_process_group()
-    return dict(losses=losses, norms=norms, val_losses=val_losses, checkpoint=run.newest,
-                world_size=ddp.world_size, accum_steps=accum_steps)  # fmt: skip
+    result = dict(losses=losses, norms=norms, val_losses=val_losses, checkpoint=run.newest)
+    return dict(result, world_size=ddp.world_size, accum_steps=accum_steps)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,16 @@ from common.checkpoint import model_from_checkpoint
 from common.cli import parse_args
 from common.export import to_hf
 from common.hellaswag import (
-    CHOICES, PUBLISHED, all_reduce, evaluate, evaluate_protocols, key, labelled, load_examples,
+    CHOICES,
+    PUBLISHED,
+    all_reduce,
+    evaluate,
+    evaluate_protocols,
+    key,
+    labelled,
+    load_examples,
     protocols,
-)  # fmt: skip
+)
 from common.hf import from_pretrained
 from common.distributed import print0, setup_ddp
 from common.train import seed_all
@@ -83,17 +90,28 @@ def main(cfg):
         cuda = ddp.device.startswith("cuda")
         amp = torch.bfloat16 if cuda and not cfg.compare_hf else None
         source = cfg.data or f"the {cfg.split} split"
-        print0(f"scoring {len(examples):,} HellaSwag examples from {source} with {name} on "
-               f"{ddp.device} ({ddp.world_size} process{'es' if ddp.world_size > 1 else ''})")  # fmt: skip
+        print0(
+            f"scoring {len(examples):,} HellaSwag examples from {source} with {name} on "
+            f"{ddp.device} ({ddp.world_size} process{'es' if ddp.world_size > 1 else ''})"
+        )
 
         share = dict(batch_size=cfg.batch_size, rank=ddp.rank, world_size=ddp.world_size)
-        scores = evaluate_protocols(model, examples, ddp.device, cfg.protocol, autocast_dtype=amp,
-                                    details=cfg.compare_hf, **share)  # fmt: skip
+        scores = evaluate_protocols(
+            model,
+            examples,
+            ddp.device,
+            cfg.protocol,
+            autocast_dtype=amp,
+            details=cfg.compare_hf,
+            **share,
+        )
         for p, res in scores.items():
             _, acc, acc_norm, src = PUBLISHED[p][0]
-            print0(f"hellaswag {cfg.split}: {p} protocol, {res['n']:,} examples | acc "
-                   f"{res['acc']:.4f} | acc_norm {res['acc_norm']:.4f} | published for GPT-2 124M: "
-                   f"acc {acc:.4f}, acc_norm {acc_norm:.4f} ({src})")  # fmt: skip
+            print0(
+                f"hellaswag {cfg.split}: {p} protocol, {res['n']:,} examples | acc "
+                f"{res['acc']:.4f} | acc_norm {res['acc_norm']:.4f} | published for GPT-2 124M: "
+                f"acc {acc:.4f}, acc_norm {acc_norm:.4f} ({src})"
+            )
         out = labelled(scores)
 
         if cfg.compare_hf:
@@ -110,13 +128,20 @@ def main(cfg):
                 gap = (res["loss_avg"] - ref["loss_avg"]).abs().max().item() if differ else 0.0
                 n_differ = int(all_reduce([sum(differ)], ddp.device)[0])  # over all ranks
                 gap = all_reduce([gap], ddp.device, op="max")[0]
-                out.update({key(p, "hf_acc"): ref["acc"], key(p, "hf_acc_norm"): ref["acc_norm"],
-                            key(p, "disagree"): n_differ})  # fmt: skip
+                out.update(
+                    {
+                        key(p, "hf_acc"): ref["acc"],
+                        key(p, "hf_acc_norm"): ref["acc_norm"],
+                        key(p, "disagree"): n_differ,
+                    }
+                )
                 out["disagree"] += n_differ
                 out["max_loss_diff"] = max(out["max_loss_diff"], gap)
-                print0(f"transformers GPT2LMHeadModel, {p} protocol: acc {ref['acc']:.4f} | "
-                       f"acc_norm {ref['acc_norm']:.4f} | predictions that differ: {n_differ} of "
-                       f"{res['n']:,} | max |loss difference| per ending: {gap:.2e}")  # fmt: skip
+                print0(
+                    f"transformers GPT2LMHeadModel, {p} protocol: acc {ref['acc']:.4f} | "
+                    f"acc_norm {ref['acc_norm']:.4f} | predictions that differ: {n_differ} of "
+                    f"{res['n']:,} | max |loss difference| per ending: {gap:.2e}"
+                )
 
         print0("published figures (all 10,042 val examples; measured elsewhere, not here):")
         for p in names:
@@ -125,10 +150,15 @@ def main(cfg):
                 acc = f"{acc:.4f}" if acc is not None else "  -   "
                 print0(f"    {model_name:<30} {acc}  {acc_norm:.4f}  ({source})")
         print0(f"  {'random guessing':<32} 0.2500  0.2500")
-        got = ", ".join(f"{scores[p]['acc_norm']:.4f} ({p} protocol; published for GPT-2 124M: "
-                        f"{PUBLISHED[p][0][2]:.4f})" for p in names)  # fmt: skip
-        print0(f"summary: HellaSwag {cfg.split} acc_norm {got} over {out['n']:,} examples "
-               f"({out['examples_per_s']:.1f} examples/s)")  # fmt: skip
+        got = ", ".join(
+            f"{scores[p]['acc_norm']:.4f} ({p} protocol; published for GPT-2 124M: "
+            f"{PUBLISHED[p][0][2]:.4f})"
+            for p in names
+        )
+        print0(
+            f"summary: HellaSwag {cfg.split} acc_norm {got} over {out['n']:,} examples "
+            f"({out['examples_per_s']:.1f} examples/s)"
+        )
         if cfg.json and ddp.master:
             with open(cfg.json, "w") as f:
                 json.dump(dict(out, config=asdict(cfg), world_size=ddp.world_size), f, indent=1)

@@ -25,17 +25,35 @@ from common.model import GPTConfig, gpt2_init, preset_config
 from common.device import amp_dtype, pick_device
 from common.train import make_optimizer
 
-ROWS = dict(baseline={}, rope=dict(rope=True), rmsnorm=dict(rmsnorm=True), qk_norm=dict(qk_norm=True),
-            relu2=dict(mlp="relu2"), swiglu=dict(mlp="swiglu"), nobias=dict(bias=False),
-            muon=dict(optimizer="muon"), muon_fused=dict(optimizer="muon_fused"),  # see make_optimizers
-            all=dict(rope=True, rmsnorm=True, qk_norm=True, mlp="swiglu", bias=False, optimizer="muon"))  # fmt: skip
+ROWS = dict(
+    baseline={},
+    rope=dict(rope=True),
+    rmsnorm=dict(rmsnorm=True),
+    qk_norm=dict(qk_norm=True),
+    relu2=dict(mlp="relu2"),
+    swiglu=dict(mlp="swiglu"),
+    nobias=dict(bias=False),
+    muon=dict(optimizer="muon"),
+    muon_fused=dict(optimizer="muon_fused"),  # see make_optimizers
+    all=dict(rope=True, rmsnorm=True, qk_norm=True, mlp="swiglu", bias=False, optimizer="muon"),
+)
 
 
 @dataclass
 class Config(ablation.Config):  # + the harness's flags: data, batch, schedule, seeds, dtype, out
     rows: str = ",".join(ROWS)  # rows to train, comma-separated (a+b: both changes in one row)
     muon_lr: float = 0.02  # Muon's peak learning rate (the same warmup + cosine shape)
-    cpu: ClassVar[dict] = dict(preset="tiny", batch_size=4, seq_len=64, steps=10, max_lr=2e-3, warmup_steps=2, seeds=2, val_steps=4, dtype="float32")  # fmt: skip
+    cpu: ClassVar[dict] = dict(
+        preset="tiny",
+        batch_size=4,
+        seq_len=64,
+        steps=10,
+        max_lr=2e-3,
+        warmup_steps=2,
+        seeds=2,
+        val_steps=4,
+        dtype="float32",
+    )
 
 
 @dataclass
@@ -64,7 +82,9 @@ class RMSNorm(nn.Module):
 
 # --- no bias: no additive term in any Linear or norm (PaLM, Llama); each nn.Linear below too
 def make_norm(config):
-    return RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd, bias=config.bias)  # fmt: skip
+    return (
+        RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd, bias=config.bias)
+    )
 
 
 # --- RoPE: position as a rotation of q and k, in every layer
@@ -149,10 +169,14 @@ class ModernGPT(nn.Module):
         super().__init__()
         self.config = config
         wpe = {} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd), **wpe,  # rope: no position table
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=make_norm(config),
-        ))  # fmt: skip
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                **wpe,  # rope: no position table
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=make_norm(config),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as since stage 04
         if config.rope:  # (2, block_size, hs/2): tables, not parameters, not in the state dict
@@ -163,8 +187,9 @@ class ModernGPT(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.size()
         if T > self.config.block_size:
-            raise UserError(f"sequence length {T} exceeds block_size {self.config.block_size}: "
-                            "lower --seq-len")  # fmt: skip
+            raise UserError(
+                f"sequence length {T} exceeds block_size {self.config.block_size}: lower --seq-len"
+            )
         x = self.transformer.wte(idx)  # (B, T, C)
         if not self.config.rope:  # rope: positions enter in attention instead
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
@@ -207,8 +232,12 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(p.grad)  # momentum: a running sum of gradients
                 g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov: look one step ahead
-                update = torch.cat([newton_schulz(m) * max(1.0, m.size(0) / m.size(1)) ** 0.5
-                                    for m in g.chunk(group["parts"])])  # RMS 1/sqrt(fan_in)  # fmt: skip
+                update = torch.cat(  # each part scaled to RMS 1/sqrt(fan_in)
+                    [
+                        newton_schulz(m) * max(1.0, m.size(0) / m.size(1)) ** 0.5
+                        for m in g.chunk(group["parts"])
+                    ]
+                )
                 p.add_(update, alpha=-group["lr"])
 
 
@@ -229,8 +258,13 @@ def make_optimizers(model, name, cfg, device):
 def build(cfg, switches, device):
     """One run's fresh model and its optimizers (the harness seeds it first). The baseline is
     stage 05-08's GPT-2: tied, GPT-2 init, flash attention, vocab 50304."""
-    base = preset_config(cfg.preset, tie_weights=True, gpt2_init=True,  # stage 04
-                         attn="sdpa", vocab_size=50304)  # stage 05  # fmt: skip
+    base = preset_config(
+        cfg.preset,
+        tie_weights=True,
+        gpt2_init=True,  # stage 04
+        attn="sdpa",  # stage 05: flash attention
+        vocab_size=50304,  # stage 05: a shape kernels tile evenly
+    )
     model_switches = {k: v for k, v in switches.items() if k != "optimizer"}
     model = ModernGPT(ModernConfig(**asdict(base), **model_switches)).to(device)
     return model, make_optimizers(model, switches.get("optimizer", "adamw"), cfg, device)

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import checkpoint as C  # noqa: E402
-from common.cli import parse_args  # noqa: E402
-from common.model import GPT, preset_config  # noqa: E402
-from common.train import make_optimizer  # noqa: E402
+from common import checkpoint as C
+from common.cli import parse_args
+from common.model import GPT, preset_config
+from common.train import make_optimizer
 
 
 @dataclass
@@ -34,8 +34,9 @@ class Config:
 
 
 def main(cfg):
-    config = preset_config(cfg.preset, tie_weights=True, gpt2_init=True, attn="sdpa",
-                           vocab_size=50304)  # fmt: skip
+    config = preset_config(
+        cfg.preset, tie_weights=True, gpt2_init=True, attn="sdpa", vocab_size=50304
+    )
     model = GPT(config)
     optimizer = make_optimizer(model, 0.1, 6e-4, "cpu")
     x = torch.randint(0, 50257, (1, 64))
@@ -56,8 +57,9 @@ def main(cfg):
         C.save_checkpoint(out / "blocking", r + 1, model, config, **extra())
         C.prune_checkpoints(out / "blocking", 3)
         t2 = time.perf_counter()
-        job, buffers = C.BackgroundSave.begin(out / "background", r + 1, model, config, 3, False,
-                                              buffers, **extra())  # fmt: skip
+        job, buffers = C.BackgroundSave.begin(
+            out / "background", r + 1, model, config, 3, False, buffers, **extra()
+        )
         t3 = time.perf_counter()
         job.wait()
         state = C.checkpoint_state(r + 1, model, config, **extra())
@@ -67,15 +69,22 @@ def main(cfg):
                 if (buf := buffers.get((v.device, s.data_ptr(), s.nbytes()))) is not None:
                     np.copyto(buf.numpy(), torch.empty(0, dtype=torch.uint8).set_(s).numpy())
         t5 = time.perf_counter()
-        row = {"torch.save": t1 - t0, "blocking save": t2 - t1, "background stall": t3 - t2,
-               "background write": job.write_s, "memcpy": t5 - t4}  # fmt: skip
+        row = {
+            "torch.save": t1 - t0,
+            "blocking save": t2 - t1,
+            "background stall": t3 - t2,
+            "background write": job.write_s,
+            "memcpy": t5 - t4,
+        }
         for k, v in row.items():
             times.setdefault(k, []).append(v)
         print(f"round {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()), flush=True)
     size = C.list_checkpoints(out / "background")[-1].stat().st_size
     medians = {k: round(statistics.median(v), 2) for k, v in times.items()}
-    print(f"summary: {cfg.preset}, checkpoint {size / 2**30:.2f} GiB, medians of {cfg.repeats} "
-          f"rounds (s): {medians}; torch {torch.__version__}")  # fmt: skip
+    print(
+        f"summary: {cfg.preset}, checkpoint {size / 2**30:.2f} GiB, medians of {cfg.repeats} "
+        f"rounds (s): {medians}; torch {torch.__version__}"
+    )
     shutil.rmtree(out, ignore_errors=True)
     return medians
 

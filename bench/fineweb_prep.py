@@ -54,13 +54,26 @@ def main():
     docs = work / "docs.parquet"
     n = make_docs(docs, args.copies, args.paras)
     print(f"{n:,} documents in {docs} ({docs.stat().st_size / 1e6:.1f} MB)")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")  # fmt: skip
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
 
     for w in [int(w) for w in args.workers.split(",")]:
         out = work / f"shards_w{w}"
-        cmd = [sys.executable, "-m", "common.fineweb", "--data-files", str(docs),
-               "--out-dir", str(out), "--shard-size", "10_000_000", "--workers", str(w)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "common.fineweb",
+            "--data-files",
+            str(docs),
+            "--out-dir",
+            str(out),
+            "--shard-size",
+            "10_000_000",
+            "--workers",
+            str(w),
+        ]
         print("$ " + " ".join(["python", *cmd[1:]]))
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if run.returncode:

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from common.cli import parse_args  # noqa: E402
-from common.export import to_hf  # noqa: E402
-from common.generate import generate  # noqa: E402
-from common.model import GPT, GPT2_VOCAB, preset_config  # noqa: E402
-from common.device import pick_device, synchronize  # noqa: E402
+from common.cli import parse_args
+from common.export import to_hf
+from common.generate import generate
+from common.model import GPT, GPT2_VOCAB, preset_config
+from common.device import pick_device, synchronize
 
 
 @dataclass
@@ -68,19 +68,23 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    config = preset_config(cfg.preset, block_size=cfg.block_size, tie_weights=True,
-                           gpt2_init=True, attn=cfg.attn)  # fmt: skip
+    config = preset_config(
+        cfg.preset, block_size=cfg.block_size, tie_weights=True, gpt2_init=True, attn=cfg.attn
+    )
     model = GPT(config).to(device).eval()
     hf = to_hf(model).to(device) if cfg.hf else None
     B, N = cfg.batch_size, cfg.new_tokens
     prompt = torch.randint(0, GPT2_VOCAB, (B, cfg.prompt_len), device=device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else None
-    env = (f"torch {torch.__version__}, {device} "
-           f"({torch.cuda.get_device_name(device) if device.startswith('cuda') else platform.processor() or platform.machine()}), "
-           f"{torch.get_num_threads()} threads, {cfg.dtype}")  # fmt: skip
-    print(f"{cfg.preset} ({model.num_params():,} params, block {cfg.block_size}, {cfg.attn}); "
-          f"batch {B}, prompt {cfg.prompt_len}, {N} new tokens, greedy; {env}")  # fmt: skip
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor()
+    env = f"torch {torch.__version__}, {device} ({name or platform.machine()}), "
+    env += f"{torch.get_num_threads()} threads, {cfg.dtype}"
+    print(
+        f"{cfg.preset} ({model.num_params():,} params, block {cfg.block_size}, {cfg.attn}); "
+        f"batch {B}, prompt {cfg.prompt_len}, {N} new tokens, greedy; {env}"
+    )
 
     variants = {"ours, KV cache": lambda n: generate(model, prompt, n, temperature=0)}
     if cfg.uncached:
@@ -89,9 +93,14 @@ def main(cfg):
         )
     if hf is not None:  # min_new_tokens: a random model may say <|endoftext|>; never stop early
         variants["transformers generate"] = lambda n: hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, use_cache=True, pad_token_id=0,
-        )  # fmt: skip
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
     results, outputs = {}, {}
     with torch.no_grad(), amp or nullcontext():
         for name, fn in variants.items():
@@ -101,8 +110,10 @@ def main(cfg):
     for name, r in results.items():
         same = torch.equal(outputs[name].cpu(), ref.cpu())
         r["same_tokens_as_kv_cache"] = same
-        print(f"{name:24s} {r['tokens_per_s']:10,.1f} tok/s  {r['ms_per_token']:8.2f} ms/token"
-              f"  {r['seconds']:7.2f}s  same tokens: {same}")  # fmt: skip
+        print(
+            f"{name:24s} {r['tokens_per_s']:10,.1f} tok/s  {r['ms_per_token']:8.2f} ms/token"
+            f"  {r['seconds']:7.2f}s  same tokens: {same}"
+        )
     fast = results["ours, KV cache"]["tokens_per_s"]
     for name in results:
         if name != "ours, KV cache":

@@ -44,10 +44,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import UserError, bench  # noqa: E402
-from common.cli import parse_args  # noqa: E402
-from common.model import GPT, preset_config  # noqa: E402
-from common.device import pick_device  # noqa: E402
+from common import UserError, bench
+from common.cli import parse_args
+from common.model import GPT, preset_config
+from common.device import pick_device
 
 
 PARTS = ("train", "hf", "hellaswag", "generate", "stages")
@@ -83,10 +83,23 @@ def measure_train(cfg, device, tmp):
     rows = []
     for B in [int(b) for b in cfg.batch_sizes.split(",")]:
         out = Path(tmp) / f"train_b{B}"
-        c = replace(s07.Config(), device=device, preset=cfg.preset, data_dir=cfg.data_dir,
-                    batch_size=B, seq_len=cfg.seq_len, total_batch=cfg.total_batch,
-                    steps=cfg.steps, warmup_steps=2, val_every=0, sample_every=0,
-                    hellaswag_every=0, ckpt_every=0, keep_last=1, out=str(out))  # fmt: skip
+        c = replace(
+            s07.Config(),
+            device=device,
+            preset=cfg.preset,
+            data_dir=cfg.data_dir,
+            batch_size=B,
+            seq_len=cfg.seq_len,
+            total_batch=cfg.total_batch,
+            steps=cfg.steps,
+            warmup_steps=2,
+            val_every=0,
+            sample_every=0,
+            hellaswag_every=0,
+            ckpt_every=0,
+            keep_last=1,
+            out=str(out),
+        )
         if str(device) == "cpu":
             c = replace(c, compile=False)  # compiling on a CPU dry run only costs time
         if device.startswith("cuda"):
@@ -100,38 +113,63 @@ def measure_train(cfg, device, tmp):
             flops = bench.flops_per_token(
                 GPT(preset_config(cfg.preset, vocab_size=50304)), cfg.seq_len
             )
-        rows.append(dict(
-            batch_size=B, accum_steps=cfg.total_batch // (B * cfg.seq_len), ms=dt * 1000,
-            tokens_per_s=tps, mfu_datasheet=flops * tps / datasheet if datasheet else None,
-            mfu_measured=flops * tps / measured_peak, measured_peak_tflops=measured_peak / 1e12,
-            peak_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
-        ))  # fmt: skip
-        print(f"train B={B}: {dt * 1000:.1f} ms/step, {tps:,.0f} tok/s, MFU "
-              f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
-              f"{rows[-1]['mfu_measured']:.1%} (measured peak {measured_peak / 1e12:.3g} TFLOP/s)")  # fmt: skip
+        rows.append(
+            dict(
+                batch_size=B,
+                accum_steps=cfg.total_batch // (B * cfg.seq_len),
+                ms=dt * 1000,
+                tokens_per_s=tps,
+                mfu_datasheet=flops * tps / datasheet if datasheet else None,
+                mfu_measured=flops * tps / measured_peak,
+                measured_peak_tflops=measured_peak / 1e12,
+                peak_mb=torch.cuda.max_memory_allocated(device) / 2**20
+                if device.startswith("cuda")
+                else None,
+            )
+        )
+        print(
+            f"train B={B}: {dt * 1000:.1f} ms/step, {tps:,.0f} tok/s, MFU "
+            f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
+            f"{rows[-1]['mfu_measured']:.1%} (measured peak {measured_peak / 1e12:.3g} TFLOP/s)"
+        )
     return rows
 
 
 def measure_hf(cfg, device):
     s05 = load("05_speedups.py")
     B = int(cfg.batch_sizes.split(",")[0])
-    c = replace(s05.Config(), device=device, preset=cfg.preset, input=cfg.text, batch_size=B,
-                seq_len=cfg.seq_len, steps=0, benchmark="compile" if device != "cpu" else "vocab",
-                compare_hf=True, timed=12)  # fmt: skip
+    c = replace(
+        s05.Config(),
+        device=device,
+        preset=cfg.preset,
+        input=cfg.text,
+        batch_size=B,
+        seq_len=cfg.seq_len,
+        steps=0,
+        benchmark="compile" if device != "cpu" else "vocab",
+        compare_hf=True,
+        timed=12,
+    )
     return s05.main(c)["benchmark"]
 
 
 def run_stage(label, args, timeout=600):
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     summary = next((x for x in r.stdout.splitlines() if x.startswith("summary:")), "")
     m = re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", summary)
     falling = bool(m) and float(m.group(2)) < float(m.group(1))
     err = r.stderr.strip().splitlines()
-    return dict(stage=label, rc=r.returncode, seconds=time.perf_counter() - t0,
-                summary=summary, falling=falling if m else None,
-                error=err[-1] if r.returncode and err else "")  # fmt: skip
+    return dict(
+        stage=label,
+        rc=r.returncode,
+        seconds=time.perf_counter() - t0,
+        summary=summary,
+        falling=falling if m else None,
+        error=err[-1] if r.returncode and err else "",
+    )
 
 
 def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
@@ -139,8 +177,9 @@ def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
 
     p = preset_config(cfg.preset)
     hf_dir = Path(tmp) / "hf_random"
-    GPT2LMHeadModel(GPT2Config(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd,
-                               n_positions=p.block_size)).save_pretrained(hf_dir)  # fmt: skip
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, n_positions=p.block_size)
+    ).save_pretrained(hf_dir)
     size = ["--device", device, "--preset", cfg.preset]
     T = str(min(cfg.seq_len, p.block_size))
     runs = [
@@ -149,27 +188,115 @@ def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
         ["02_overfit_batch.py", *size, "--input", cfg.text, "--steps", "20"],
         ["03_dataloader.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
         ["04_best_practices.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
-        ["05_speedups.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T,
-         "--timed", "6"],
-        ["06_hyperparams.py", *size, "--input", cfg.text, "--steps", "4", "--seq-len", T,
-         "--warmup-steps", "2", "--total-batch", str(cfg.total_batch)],
-        ["07_ddp_fineweb.py", *size, "--data-dir", cfg.data_dir, "--steps", "6", "--seq-len", T,
-         "--warmup-steps", "2", "--total-batch", str(cfg.total_batch), "--val-every", "3",
-         "--sample-every", "5", "--hellaswag-every", "5", "--hellaswag-data",
-         cfg.hellaswag_data, "--out", str(Path(tmp) / "stage07")],
-        ["08_hellaswag.py", "--device", device, "--model", str(hf_dir), "--data",
-         cfg.hellaswag_data, "--compare-hf"],
-        ["09_modern.py", *size, "--input", cfg.text, "--steps", "4", "--seq-len", T,
-         "--warmup-steps", "2", "--seeds", "1", "--val-steps", "2", "--out",
-         str(Path(tmp) / "stage09")],
-    ]  # fmt: skip
+        [
+            "05_speedups.py",
+            *size,
+            "--input",
+            cfg.text,
+            "--steps",
+            "10",
+            "--seq-len",
+            T,
+            "--timed",
+            "6",
+        ],
+        [
+            "06_hyperparams.py",
+            *size,
+            "--input",
+            cfg.text,
+            "--steps",
+            "4",
+            "--seq-len",
+            T,
+            "--warmup-steps",
+            "2",
+            "--total-batch",
+            str(cfg.total_batch),
+        ],
+        [
+            "07_ddp_fineweb.py",
+            *size,
+            "--data-dir",
+            cfg.data_dir,
+            "--steps",
+            "6",
+            "--seq-len",
+            T,
+            "--warmup-steps",
+            "2",
+            "--total-batch",
+            str(cfg.total_batch),
+            "--val-every",
+            "3",
+            "--sample-every",
+            "5",
+            "--hellaswag-every",
+            "5",
+            "--hellaswag-data",
+            cfg.hellaswag_data,
+            "--out",
+            str(Path(tmp) / "stage07"),
+        ],
+        [
+            "08_hellaswag.py",
+            "--device",
+            device,
+            "--model",
+            str(hf_dir),
+            "--data",
+            cfg.hellaswag_data,
+            "--compare-hf",
+        ],
+        [
+            "09_modern.py",
+            *size,
+            "--input",
+            cfg.text,
+            "--steps",
+            "4",
+            "--seq-len",
+            T,
+            "--warmup-steps",
+            "2",
+            "--seeds",
+            "1",
+            "--val-steps",
+            "2",
+            "--out",
+            str(Path(tmp) / "stage09"),
+        ],
+    ]
     # 07 as the real run starts it: torchrun (NCCL on a GPU), a checkpoint every 2 steps,
     # then --resume to 6 steps with --allow-config-change (steps is a resume key)
-    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "07_ddp_fineweb.py",
-           *size, "--data-dir", cfg.data_dir, "--seq-len", T, "--warmup-steps", "2",
-           "--total-batch", str(cfg.total_batch), "--val-every", "2", "--sample-every", "0",
-           "--ckpt-every", "2", "--hellaswag-every", "3", "--hellaswag-data", cfg.hellaswag_data,
-           "--out", str(Path(tmp) / "stage07_ddp")]  # fmt: skip
+    ddp = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "07_ddp_fineweb.py",
+        *size,
+        "--data-dir",
+        cfg.data_dir,
+        "--seq-len",
+        T,
+        "--warmup-steps",
+        "2",
+        "--total-batch",
+        str(cfg.total_batch),
+        "--val-every",
+        "2",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "2",
+        "--hellaswag-every",
+        "3",
+        "--hellaswag-data",
+        cfg.hellaswag_data,
+        "--out",
+        str(Path(tmp) / "stage07_ddp"),
+    ]
     runs = [(args[0], args) for args in runs] + [
         ("07 torchrun", [*ddp, "--steps", "4"]),
         ("07 torchrun --resume", [*ddp, "--steps", "6", "--resume", "--allow-config-change"]),
@@ -179,8 +306,10 @@ def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
         rows.append(run_stage(label, args))
         on_row(rows)
         r = rows[-1]
-        print(f"{r['stage']:<22} rc {r['rc']}  {r['seconds']:6.1f}s  falling {r['falling']}  "
-              f"{r['summary'][:110] or r['error']}")  # fmt: skip
+        print(
+            f"{r['stage']:<22} rc {r['rc']}  {r['seconds']:6.1f}s  falling {r['falling']}  "
+            f"{r['summary'][:110] or r['error']}"
+        )
     return rows
 
 
@@ -191,8 +320,12 @@ def main(cfg):
             f"unknown --parts {','.join(sorted(unknown))}; choose from {','.join(PARTS)}"
         )
     device = pick_device(cfg.device)
-    result = dict(config=asdict(cfg), hardware=bench.hardware_name(device),
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    result = dict(
+        config=asdict(cfg),
+        hardware=bench.hardware_name(device),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
     print(f"{result['hardware']}, torch {torch.__version__}, {result['date']}")
 
     def save(part=None, value=None):  # after every part: a run cut short keeps what it measured

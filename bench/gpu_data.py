@@ -11,7 +11,8 @@ text of the right kind for a throughput test, with no download. The result:
 
     python bench/gpu_data.py --out bench_data        # ~24M tokens, 47 MiB, ~15 s on 2 cores
     # then, on the GPU (the `carry` of the device tool names bench_data):
-    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt --json $OUT/gpu.json
+    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
+        --json $OUT/gpu.json
 """
 
 import json
@@ -25,9 +26,9 @@ from typing import ClassVar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import UserError, fineweb  # noqa: E402
-from common.cli import parse_args  # noqa: E402
-from common.data import load_text, shard_files, split_documents  # noqa: E402
+from common import UserError, fineweb
+from common.cli import parse_args
+from common.data import load_text, shard_files, split_documents
 
 CARRY_LIMIT = 64 * 2**20  # bytes the device tool carries in all
 
@@ -75,16 +76,24 @@ def main(cfg):
                 budget -= len(doc)
                 if budget <= 0:
                     break
-        fineweb.main(fineweb.Config(data_files=str(docs), out_dir=str(out / "shards"),
-                                    shard_size=cfg.shard_size, max_tokens=cfg.max_tokens))  # fmt: skip
+        fineweb.main(
+            fineweb.Config(
+                data_files=str(docs),
+                out_dir=str(out / "shards"),
+                shard_size=cfg.shard_size,
+                max_tokens=cfg.max_tokens,
+            )
+        )
     train = shard_files(out / "shards", "train")
     if not train:
         raise UserError(f"no training shard in {out}/shards: raise --max-tokens")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {len(train)} training shard(s), {size / 2**20:.1f} MiB in all")
     if size > CARRY_LIMIT:
-        raise UserError(f"{out} is {size / 2**20:.1f} MiB, more than the 64 MiB the device tool "
-                        "carries: lower --max-tokens")  # fmt: skip
+        raise UserError(
+            f"{out} is {size / 2**20:.1f} MiB, more than the 64 MiB the device tool "
+            "carries: lower --max-tokens"
+        )
     return dict(out=str(out), train_shards=len(train), bytes=size)
 
 

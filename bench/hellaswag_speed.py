@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from common.cli import parse_args  # noqa: E402
-from common.hellaswag import evaluate  # noqa: E402
-from common.model import GPT, preset_config  # noqa: E402
-from common.device import pick_device  # noqa: E402
-from common.train import seed_all  # noqa: E402
+from common.cli import parse_args
+from common.hellaswag import evaluate
+from common.model import GPT, preset_config
+from common.device import pick_device
+from common.train import seed_all
 
 WORDS = (
     "the a man woman child dog ball kitchen table water slowly quickly then after he she they "
@@ -65,16 +65,19 @@ def main(cfg):
     model = GPT(preset_config(cfg.preset, tie_weights=True, gpt2_init=True)).to(device)
     examples = synthetic_examples(cfg.examples, cfg.seed)
     amp = torch.bfloat16 if device.startswith("cuda") else None  # fp32 on CPU
-    print(f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
-          f"{torch.get_num_threads()} threads | device {device} | preset {cfg.preset} | "
-          f"{len(examples)} examples")  # fmt: skip
+    print(
+        f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+        f"{torch.get_num_threads()} threads | device {device} | preset {cfg.preset} | "
+        f"{len(examples)} examples"
+    )
     # the methods: one example at a time with every logit computed (a plain callable: no
     # lm_head to hook), then evaluate() as it is at each batch size
     methods = {"batch size   1, all logits": (lambda idx: model(idx)[0], 1)}
     for bs in [int(s) for s in cfg.batch_sizes.split(",")]:
         methods[f"batch size {bs:3d}"] = (model, bs)
-    score = lambda m, bs: evaluate(m, examples, device, batch_size=bs, autocast_dtype=amp,
-                                   details=True)  # fmt: skip
+    score = lambda m, bs: evaluate(
+        m, examples, device, batch_size=bs, autocast_dtype=amp, details=True
+    )
     preds = {k: score(*m)["pred_norm"] for k, m in methods.items()}  # warm-up, untimed
     rates = {k: [] for k in methods}
     for _ in range(cfg.repeats):  # interleaved: a busy machine slows every method alike
@@ -82,8 +85,10 @@ def main(cfg):
             rates[k].append(score(*m)["examples_per_s"])
     results = {k: statistics.median(r) for k, r in rates.items()}
     for k, r in rates.items():
-        print(f"{k:<26} {results[k]:7.1f} examples/s median, {max(r):7.1f} best "
-              f"({', '.join(f'{x:.1f}' for x in r)})")  # fmt: skip
+        print(
+            f"{k:<26} {results[k]:7.1f} examples/s median, {max(r):7.1f} best "
+            f"({', '.join(f'{x:.1f}' for x in r)})"
+        )
     same = all(p == preds["batch size   1"] for p in preds.values())
     print(f"same predictions with every method: {same}")
     best = max(results, key=results.get)

@@ -44,11 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
-from common import UserError  # noqa: E402
-from common.checkpoint import load_checkpoint  # noqa: E402
-from common.cli import parse_args  # noqa: E402
-from common.data import get_tokenizer, load_text  # noqa: E402
-from common.model import GPT, preset_config  # noqa: E402
+from common import UserError
+from common.checkpoint import load_checkpoint
+from common.cli import parse_args
+from common.data import get_tokenizer, load_text
+from common.model import GPT, preset_config
 
 TRAINERS = ("nanogpt", "ours", "ours-consecutive")
 RECIPE = dict(B=8, T=256, steps=250, lr=1e-3, min_lr=1e-4, warmup=25, weight_decay=0.1, clip=1.0)
@@ -115,8 +115,9 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def nanogpt_weights(cfg, work, seed):
-    ckpt = torch.load(work / "nanogpt" / f"out-seed{seed}" / "ckpt.pt", map_location="cpu",
-                      weights_only=True)  # fmt: skip
+    ckpt = torch.load(
+        work / "nanogpt" / f"out-seed{seed}" / "ckpt.pt", map_location="cpu", weights_only=True
+    )
     if ckpt["iter_num"] != cfg.steps:
         raise UserError(f"nanoGPT's checkpoint is of iter {ckpt['iter_num']}, not {cfg.steps}")
     return ckpt["model"]
@@ -134,17 +135,40 @@ def run_nanogpt(cfg, work, seed, env):
     (run / "run_nanogpt.py").write_text(NANOGPT_RUNNER)
     out = f"out-seed{seed}"
     r = RECIPE
-    args = [f"--dataset={cfg.corpus}", "--device=cpu", "--compile=False", "--dtype=float32",
-            "--n_layer=4", "--n_head=4", "--n_embd=128", f"--block_size={r['T']}",
-            f"--batch_size={r['B']}", "--gradient_accumulation_steps=1", "--dropout=0.0",
-            "--bias=True", f"--learning_rate={r['lr']}", f"--min_lr={r['min_lr']}",
-            f"--warmup_iters={r['warmup']}", f"--lr_decay_iters={cfg.steps}",
-            f"--max_iters={cfg.steps}", f"--eval_interval={cfg.steps}", "--eval_iters=5",
-            f"--weight_decay={r['weight_decay']}", f"--grad_clip={r['clip']}",
-            "--always_save_checkpoint=True", f"--out_dir={out}", "--wandb_log=False"]  # fmt: skip
+    args = [
+        f"--dataset={cfg.corpus}",
+        "--device=cpu",
+        "--compile=False",
+        "--dtype=float32",
+        "--n_layer=4",
+        "--n_head=4",
+        "--n_embd=128",
+        f"--block_size={r['T']}",
+        f"--batch_size={r['B']}",
+        "--gradient_accumulation_steps=1",
+        "--dropout=0.0",
+        "--bias=True",
+        f"--learning_rate={r['lr']}",
+        f"--min_lr={r['min_lr']}",
+        f"--warmup_iters={r['warmup']}",
+        f"--lr_decay_iters={cfg.steps}",
+        f"--max_iters={cfg.steps}",
+        f"--eval_interval={cfg.steps}",
+        "--eval_iters=5",
+        f"--weight_decay={r['weight_decay']}",
+        f"--grad_clip={r['clip']}",
+        "--always_save_checkpoint=True",
+        f"--out_dir={out}",
+        "--wandb_log=False",
+    ]
     t0 = time.time()
-    p = subprocess.run([sys.executable, "run_nanogpt.py", str(1000 * seed), *args], cwd=run,
-                       env=env, capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "run_nanogpt.py", str(1000 * seed), *args],
+        cwd=run,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if p.returncode:
         raise UserError(f"nanoGPT failed (seed {seed}):\n{p.stderr[-2000:]}")
     return nanogpt_weights(cfg, work, seed), time.time() - t0
@@ -155,17 +179,56 @@ def run_ours(cfg, work, seed, env, shuffle=True):
     r = RECIPE
     out = ours_out(work, seed, shuffle)
     shutil.rmtree(out, ignore_errors=True)  # a run cut short before it was recorded: again
-    args = ["--data-dir", str(work / "shards"), "--preset", "tiny", "--device", "cpu",
-            "--batch-size", str(r["B"]), "--seq-len", str(r["T"]),
-            "--total-batch", str(r["B"] * r["T"]), "--steps", str(cfg.steps),
-            "--max-lr", str(r["lr"]), "--warmup-steps", str(r["warmup"]),
-            "--weight-decay", str(r["weight_decay"]), "--grad-clip", str(r["clip"]),
-            "--dtype", "float32", "--compile", "false", "--seed", str(seed),
-            "--shuffle", str(shuffle).lower(), "--val-every", "0", "--sample-every", "0",
-            "--hellaswag-every", "0", "--ckpt-every", "0", "--out", str(out)]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(work / "shards"),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(r["B"]),
+        "--seq-len",
+        str(r["T"]),
+        "--total-batch",
+        str(r["B"] * r["T"]),
+        "--steps",
+        str(cfg.steps),
+        "--max-lr",
+        str(r["lr"]),
+        "--warmup-steps",
+        str(r["warmup"]),
+        "--weight-decay",
+        str(r["weight_decay"]),
+        "--grad-clip",
+        str(r["clip"]),
+        "--dtype",
+        "float32",
+        "--compile",
+        "false",
+        "--seed",
+        str(seed),
+        "--shuffle",
+        str(shuffle).lower(),
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--hellaswag-every",
+        "0",
+        "--ckpt-every",
+        "0",
+        "--out",
+        str(out),
+    ]
     t0 = time.time()
-    p = subprocess.run([sys.executable, str(ROOT / "07_ddp_fineweb.py"), *args], cwd=ROOT,
-                       env=env, capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "07_ddp_fineweb.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if p.returncode:
         raise UserError(f"07 failed (seed {seed}):\n{p.stderr[-2000:]}")
     return load_checkpoint(out / f"ckpt_{cfg.steps:06d}.pt")["model"], time.time() - t0
@@ -210,9 +273,12 @@ def summary(results, trainers):
         means[t] = statistics.mean(losses)
         std = statistics.stdev(losses) if len(losses) > 1 else 0.0
         diff = f"{means[t] - means['nanogpt']:+.4f}" if "nanogpt" in means else "n/a"
-        rows.append(f"| {t} | {len(losses)} | {means[t]:.4f} ± {std:.4f} | "
-                    f"{min(losses):.4f} .. {max(losses):.4f} | {diff} |")  # fmt: skip
-    head = "| trainer | seeds | val loss (mean ± std) | min .. max | vs nanoGPT |\n|---|---|---|---|---|"
+        rows.append(
+            f"| {t} | {len(losses)} | {means[t]:.4f} ± {std:.4f} | "
+            f"{min(losses):.4f} .. {max(losses):.4f} | {diff} |"
+        )
+    head = "| trainer | seeds | val loss (mean ± std) | min .. max | vs nanoGPT |\n" + "|---" * 5
+    head += "|"
     return "\n".join([head, *rows])
 
 
@@ -225,9 +291,11 @@ def main(cfg):
     work = Path(cfg.work or tempfile.mkdtemp(prefix="peer_quality_"))
     out_json = Path(cfg.json or work / "peer_quality.json")
     info, val = prepare(cfg, work)
-    print(f"{cfg.corpus}: {info['chars']:,} characters, {info['train_tokens']:,} train and "
-          f"{info['val_tokens']:,} val tokens; {cfg.steps} steps x {RECIPE['B'] * RECIPE['T']:,} "
-          f"tokens = {cfg.steps * RECIPE['B'] * RECIPE['T'] / info['train_tokens']:.2f} epochs")  # fmt: skip
+    print(
+        f"{cfg.corpus}: {info['chars']:,} characters, {info['train_tokens']:,} train and "
+        f"{info['val_tokens']:,} val tokens; {cfg.steps} steps x {RECIPE['B'] * RECIPE['T']:,} "
+        f"tokens = {cfg.steps * RECIPE['B'] * RECIPE['T'] / info['train_tokens']:.2f} epochs"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
@@ -252,14 +320,27 @@ def main(cfg):
             else:
                 state, secs = run_ours(cfg, work, seed, env, shuffle=t == "ours")
             loss, n = val_loss(state, val, exact_gelu=t == "nanogpt")
-            results.append(dict(corpus=cfg.corpus, trainer=t, seed=seed, val_loss=loss,
-                                val_tokens=n, seconds=round(secs, 1),
-                                threads=cfg.threads or torch.get_num_threads()))  # fmt: skip
+            results.append(
+                dict(
+                    corpus=cfg.corpus,
+                    trainer=t,
+                    seed=seed,
+                    val_loss=loss,
+                    val_tokens=n,
+                    seconds=round(secs, 1),
+                    threads=cfg.threads or torch.get_num_threads(),
+                )
+            )
             print(f"{t:>16} seed {seed}: val loss {loss:.4f} over {n:,} tokens ({secs:.0f} s)")
             others = [r for r in done.get("runs", []) if r.get("corpus") != cfg.corpus]
-            record = dict(runs=others + results, recipe=RECIPE, steps=cfg.steps,
-                          torch=torch.__version__, python=platform.python_version(),
-                          machine=platform.processor() or platform.machine())  # fmt: skip
+            record = dict(
+                runs=others + results,
+                recipe=RECIPE,
+                steps=cfg.steps,
+                torch=torch.__version__,
+                python=platform.python_version(),
+                machine=platform.processor() or platform.machine(),
+            )
             record.setdefault("data", {}).update(done.get("data", {}))
             record["data"][cfg.corpus] = info
             out_json.write_text(json.dumps(record, indent=1))

@@ -17,12 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from common import plan  # noqa: E402
-from common.cli import parse_args  # noqa: E402
-from common.model import GPT, GPTConfig  # noqa: E402
-from common.train import make_optimizer  # noqa: E402
+from common import plan
+from common.cli import parse_args
+from common.model import GPT, GPTConfig
+from common.train import make_optimizer
 
 # (name, model, T): the tiny preset at 07's CPU length, and a small 6-layer model
 CONFIGS = [
@@ -71,13 +71,23 @@ def main(cfg):
             for B in sizes:
                 est = plan.estimate(config, B, T, dtype="float32", attn=attn)
                 got = measure(config, B, T)
-                row = dict(config=name, attn=attn, B=B, T=T, estimate_mib=est["peak"] / 2**20,
-                           measured_mib=got / 2**20, error=est["peak"] / got - 1,
-                           terms={k: v / 2**20 for k, v in est.items()})  # fmt: skip
+                row = dict(
+                    config=name,
+                    attn=attn,
+                    B=B,
+                    T=T,
+                    estimate_mib=est["peak"] / 2**20,
+                    measured_mib=got / 2**20,
+                    error=est["peak"] / got - 1,
+                    terms={k: v / 2**20 for k, v in est.items()},
+                )
                 rows.append(row)
-                print(f"| {name} (L={config.n_layer}, h={config.n_embd}), T={T} | {attn} | {B} | "
-                      f"{row['estimate_mib']:,.0f} | {row['measured_mib']:,.0f} | "
-                      f"{100 * row['error']:+.1f}% |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} (L={config.n_layer}, h={config.n_embd}), T={T} | {attn} | {B} | "
+                    f"{row['estimate_mib']:,.0f} | {row['measured_mib']:,.0f} | "
+                    f"{100 * row['error']:+.1f}% |",
+                    flush=True,
+                )
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(rows, indent=1))
     return rows

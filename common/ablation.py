@@ -28,8 +28,13 @@ import torch
 
 from common import UserError, bench
 from common.data import (
-    ShardLoader, TextLoader, WindowLoader, get_tokenizer, load_text, shuffled_windows,
-)  # fmt: skip
+    ShardLoader,
+    TextLoader,
+    WindowLoader,
+    get_tokenizer,
+    load_text,
+    shuffled_windows,
+)
 from common.device import synchronize
 from common.train import lr_at, seed_all, step_line
 
@@ -68,8 +73,9 @@ def parse_rows(text, known):
         rows[name] = {}
         for part in name.split("+"):
             if part not in known:
-                raise UserError(f"unknown row '{part}': choose from {', '.join(known)}, "
-                                "or join them with +")  # fmt: skip
+                raise UserError(
+                    f"unknown row '{part}': choose from {', '.join(known)}, or join them with +"
+                )
             rows[name].update(known[part])
     if not rows:
         raise UserError("--rows names no row: give at least one, e.g. --rows baseline")
@@ -83,22 +89,34 @@ def load_data(cfg):
         print(f"data: token shards in {cfg.data_dir}")
         step_tokens = cfg.total_batch or B * T  # shards change between optimizer steps only
         order = dict(shuffle=shuffled_windows, seed=cfg.seed) if cfg.shuffle else {}
-        return dict(train=lambda: ShardLoader(cfg.data_dir, "train", B, T,
-                                              step_tokens=step_tokens, **order),
-                    val=lambda: ShardLoader(cfg.data_dir, "val", B, T), val_steps=cfg.val_steps,
-                    train_tokens=None)  # fmt: skip
+        return dict(
+            train=lambda: ShardLoader(
+                cfg.data_dir, "train", B, T, step_tokens=step_tokens, **order
+            ),
+            val=lambda: ShardLoader(cfg.data_dir, "val", B, T),
+            val_steps=cfg.val_steps,
+            train_tokens=None,
+        )
     tokens = get_tokenizer().encode_ordinary(load_text(cfg.input))
     split = int(0.9 * len(tokens))  # the last 10% is never trained on
     train, val = tokens[:split], tokens[split:]
     val_steps = min(cfg.val_steps, (len(val) - 1) // (B * T))
     if val_steps < 1:
-        raise UserError(f"the held-out last 10% of the text ({len(val):,} tokens) is smaller "
-                        f"than one batch of {B}x{T}: lower --batch-size or --seq-len")  # fmt: skip
-    print(f"data: {len(train):,} training tokens, {len(val):,} held out "
-          f"({val_steps} val batches of {B}x{T})")  # fmt: skip
+        raise UserError(
+            f"the held-out last 10% of the text ({len(val):,} tokens) is smaller "
+            f"than one batch of {B}x{T}: lower --batch-size or --seq-len"
+        )
+    print(
+        f"data: {len(train):,} training tokens, {len(val):,} held out "
+        f"({val_steps} val batches of {B}x{T})"
+    )
     Loader, order = (WindowLoader, dict(seed=cfg.seed)) if cfg.shuffle else (TextLoader, {})
-    return dict(train=lambda: Loader(train, B, T, **order), val=lambda: TextLoader(val, B, T),
-                val_steps=val_steps, train_tokens=len(train))  # fmt: skip
+    return dict(
+        train=lambda: Loader(train, B, T, **order),
+        val=lambda: TextLoader(val, B, T),
+        val_steps=val_steps,
+        train_tokens=len(train),
+    )
 
 
 def evaluate(model, make_loader, autocast, steps, device):
@@ -149,11 +167,24 @@ def train_run(cfg, model, optimizers, total_batch, data, dtype, device):
         synchronize(device)
         dts.append(time.perf_counter() - t0)
         losses.append(loss_accum.item())
-        print(step_line(step, losses[-1], lr=lr, norm=norm.item(), dt=dts[-1],
-                        tokens_per_s=total_batch / dts[-1]))  # fmt: skip
+        print(
+            step_line(
+                step,
+                losses[-1],
+                lr=lr,
+                norm=norm.item(),
+                dt=dts[-1],
+                tokens_per_s=total_batch / dts[-1],
+            )
+        )
     val = evaluate(model, data["val"], autocast, data["val_steps"], device)
-    return dict(losses=losses, val_loss=val, params=sum(p.numel() for p in model.parameters()),
-                train_s=sum(dts), tokens_per_s=total_batch / statistics.median(dts))  # fmt: skip
+    return dict(
+        losses=losses,
+        val_loss=val,
+        params=sum(p.numel() for p in model.parameters()),
+        train_s=sum(dts),
+        tokens_per_s=total_batch / statistics.median(dts),
+    )
 
 
 def spread(values):
@@ -163,10 +194,16 @@ def spread(values):
 def summarize(name, runs, base_runs):
     """One table row: means over the seeds, and the paired difference to the baseline."""
     val = [r["val_loss"] for r in runs]
-    row = dict(name=name, params=runs[0]["params"], val_loss=statistics.mean(val),
-               val_spread=spread(val), train_s=statistics.mean(r["train_s"] for r in runs),
-               tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs), delta=None,
-               delta_spread=None)  # fmt: skip
+    row = dict(
+        name=name,
+        params=runs[0]["params"],
+        val_loss=statistics.mean(val),
+        val_spread=spread(val),
+        train_s=statistics.mean(r["train_s"] for r in runs),
+        tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
+        delta=None,
+        delta_spread=None,
+    )
     if base_runs is not None:  # same seed, same batches: only the change differs
         deltas = [r["val_loss"] - b["val_loss"] for r, b in zip(runs, base_runs, strict=True)]
         row["delta"], row["delta_spread"] = statistics.mean(deltas), spread(deltas)
@@ -176,19 +213,25 @@ def summarize(name, runs, base_runs):
 def format_table(rows, tokens, seeds):
     pm = lambda x: "" if x is None else f" ± {x:.4f}"  # the spread over seeds, when known
     width = max(9, *(len(r["name"]) for r in rows))
-    head = (f"{'row':<{width}} {'params':>11} {'tokens':>10} {'val loss':>17} "
-            f"{'vs baseline':>17} {'time':>7} {'tok/s':>9}")  # fmt: skip
+    head = (
+        f"{'row':<{width}} {'params':>11} {'tokens':>10} {'val loss':>17} "
+        f"{'vs baseline':>17} {'time':>7} {'tok/s':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         val = f"{r['val_loss']:.4f}{pm(r['val_spread'])}"
         delta = "-"
         if r["delta"] is not None and r["name"] != "baseline":
             delta = f"{r['delta']:+.4f}{pm(r['delta_spread'])}"
-        lines.append(f"{r['name']:<{width}} {r['params']:>11,} {tokens:>10,} {val:>17} "
-                     f"{delta:>17} {r['train_s']:>6.1f}s {r['tokens_per_s']:>9,.0f}")  # fmt: skip
-    lines.append(f"(means over {seeds} seed(s), ± their standard deviation; val loss on held-out "
-                 "text at equal tokens, lower is better; time: training seconds per run, val "
-                 "excluded; tok/s: median step, eager mode)")  # fmt: skip
+        lines.append(
+            f"{r['name']:<{width}} {r['params']:>11,} {tokens:>10,} {val:>17} "
+            f"{delta:>17} {r['train_s']:>6.1f}s {r['tokens_per_s']:>9,.0f}"
+        )
+    lines.append(
+        f"(means over {seeds} seed(s), ± their standard deviation; val loss on held-out "
+        "text at equal tokens, lower is better; time: training seconds per run, val "
+        "excluded; tok/s: median step, eager mode)"
+    )
     return "\n".join(lines)
 
 
@@ -197,17 +240,23 @@ def noise_notice(rows, seeds, device, tokens, preset):
     base = next((r for r in rows if r["name"] == "baseline"), None)
     spreads = [r["delta_spread"] for r in rows if r["delta_spread"] is not None]
     if seeds < 2 or base is None:
-        text = ("noise: one seed per row (or no baseline row): the seed spread is unknown, so no "
-                "difference in this table can be told from noise; use --seeds 3")  # fmt: skip
+        text = (
+            "noise: one seed per row (or no baseline row): the seed spread is unknown, so no "
+            "difference in this table can be told from noise; use --seeds 3"
+        )
     else:
         s = max([base["val_spread"], *spreads])
-        text = (f"noise: the largest seed spread here is {s:.4f}; a difference smaller than about "
-                f"twice that ({2 * s:.4f}) is noise, not an effect of the change")  # fmt: skip
+        text = (
+            f"noise: the largest seed spread here is {s:.4f}; a difference smaller than about "
+            f"twice that ({2 * s:.4f}) is noise, not an effect of the change"
+        )
     if not device.startswith("cuda"):
-        text += (f". CPU scale ({tokens:,} tokens per run, preset {preset}): every run stopped at "
-                 "the very start of training, so a difference here says which row starts "
-                 "faster, not which trains better; run on a GPU (gpt2 preset, 3 seeds) or with "
-                 "--data-dir and more --steps for differences that mean something")  # fmt: skip
+        text += (
+            f". CPU scale ({tokens:,} tokens per run, preset {preset}): every run stopped at "
+            "the very start of training, so a difference here says which row starts "
+            "faster, not which trains better; run on a GPU (gpt2 preset, 3 seeds) or with "
+            "--data-dir and more --steps for differences that mean something"
+        )
     return text
 
 
@@ -223,11 +272,15 @@ def run_ablation(cfg, rows, build, device, dtype):
     data = load_data(cfg)
     tokens = cfg.steps * total_batch  # the same for every row: equal data
     if data["train_tokens"] and tokens > data["train_tokens"]:
-        print(f"note: {tokens / data['train_tokens']:.1f} passes over the training text per run: "
-              "the val loss also measures how fast each row starts to memorize it")  # fmt: skip
-    print(f"ablation: {len(rows)} rows x {cfg.seeds} seed(s), {cfg.steps} steps of "
-          f"{total_batch:,} tokens = {tokens:,} tokens per run, preset {cfg.preset}, {dtype}, "
-          f"{bench.hardware_name(device)}, torch {torch.__version__}")  # fmt: skip
+        print(
+            f"note: {tokens / data['train_tokens']:.1f} passes over the training text per run: "
+            "the val loss also measures how fast each row starts to memorize it"
+        )
+    print(
+        f"ablation: {len(rows)} rows x {cfg.seeds} seed(s), {cfg.steps} steps of "
+        f"{total_batch:,} tokens = {tokens:,} tokens per run, preset {cfg.preset}, {dtype}, "
+        f"{bench.hardware_name(device)}, torch {torch.__version__}"
+    )
     runs = {}
     for name, switches in rows.items():
         runs[name] = []
@@ -246,12 +299,22 @@ def run_ablation(cfg, rows, build, device, dtype):
     print(notice)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(hardware=bench.hardware_name(device), torch=torch.__version__, device=device,
-                  dtype=str(dtype), config=asdict(cfg), tokens=tokens, rows=table_rows,
-                  notice=notice, runs=runs)  # fmt: skip
+    result = dict(
+        hardware=bench.hardware_name(device),
+        torch=torch.__version__,
+        device=device,
+        dtype=str(dtype),
+        config=asdict(cfg),
+        tokens=tokens,
+        rows=table_rows,
+        notice=notice,
+        runs=runs,
+    )
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     best = min(table_rows, key=lambda r: r["val_loss"])
-    print(f"summary: {len(rows)} rows x {cfg.seeds} seed(s) at {tokens:,} tokens each: "
-          f"best val loss {best['val_loss']:.4f} ({best['name']}); "
-          f"wrote {out / 'ablation.json'}")  # fmt: skip
+    print(
+        f"summary: {len(rows)} rows x {cfg.seeds} seed(s) at {tokens:,} tokens each: "
+        f"best val loss {best['val_loss']:.4f} ({best['name']}); "
+        f"wrote {out / 'ablation.json'}"
+    )
     return dict(rows=table_rows, runs=runs, table=table, notice=notice, tokens=tokens)

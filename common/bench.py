@@ -152,14 +152,17 @@ class Row:
         self.name, self.device = name, device
         self.precision = "high" if "tf32" in on else "highest"  # tf32
         half = torch.bfloat16 if "bf16" in on else torch.float16 if "fp16" in on else None
-        self.autocast = torch.autocast(str(device).split(":")[0], dtype=half or torch.float32,
-                                       enabled=half is not None)  # bf16 / fp16  # fmt: skip
+        self.autocast = torch.autocast(  # bf16 / fp16
+            str(device).split(":")[0], dtype=half or torch.float32, enabled=half is not None
+        )
         self.scaler = torch.amp.GradScaler(str(device).split(":")[0], enabled=half == torch.float16)
         config = preset_config(
-            preset, tie_weights=True, gpt2_init=True,
+            preset,
+            tie_weights=True,
+            gpt2_init=True,
             attn="sdpa" if "flash" in on else "manual",  # flash
             vocab_size=50304 if "vocab" in on else GPT2_VOCAB,  # vocab
-        )  # fmt: skip
+        )
         torch.manual_seed(seed)
         self.raw_model = GPT(config).to(device)
         self.model = torch.compile(self.raw_model) if "compile" in on else self.raw_model
@@ -254,13 +257,22 @@ def speedup_table(cfg, device):
             r.update(ms=dt * 1000, tokens_per_s=x.numel() / dt, peak_mb=by_name[r["name"]].peak_mb)
     add_ratios(rows, flops_per_token(runs[0].raw_model, cfg.seq_len) if runs else 0, peak)
     timed = ROUNDS * max(1, cfg.timed // ROUNDS)
-    print(f"benchmark: {hardware_name(device)}, torch {torch.__version__}, B={cfg.batch_size}, "
-          f"T={cfg.seq_len}, preset {cfg.preset}; median of {timed} steps in {ROUNDS} interleaved "
-          f"rounds after {WARMUP} warm-up; MFU vs {peak_name} ({peak / 1e12:.3g} TFLOP/s)")  # fmt: skip
+    print(
+        f"benchmark: {hardware_name(device)}, torch {torch.__version__}, B={cfg.batch_size}, "
+        f"T={cfg.seq_len}, preset {cfg.preset}; median of {timed} steps in {ROUNDS} interleaved "
+        f"rounds after {WARMUP} warm-up; MFU vs {peak_name} ({peak / 1e12:.3g} TFLOP/s)"
+    )
     print(format_table(rows))
-    result = dict(hardware=hardware_name(device), torch=torch.__version__, device=str(device),
-                  peak=peak, peak_name=peak_name, measured_peak=measured, config=asdict(cfg),
-                  rows=rows)  # fmt: skip
+    result = dict(
+        hardware=hardware_name(device),
+        torch=torch.__version__,
+        device=str(device),
+        peak=peak,
+        peak_name=peak_name,
+        measured_peak=measured,
+        config=asdict(cfg),
+        rows=rows,
+    )
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -292,7 +304,8 @@ def fmt(value, spec, missing="n/a"):
 
 def format_table(rows):
     """The speedup table: one line per configuration; n/a rows say why."""
-    head = f"{'row':<12} {'ms/step':>9} {'tok/s':>11} {'vs base':>8} {'vs prev':>8} {'MFU':>7} {'peak MB':>9}"
+    head = f"{'row':<12} {'ms/step':>9} {'tok/s':>11} {'vs base':>8} {'vs prev':>8} "
+    head += f"{'MFU':>7} {'peak MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] != "ok":
@@ -300,7 +313,8 @@ def format_table(rows):
             continue
         lines.append(
             f"{r['name']:<12} {r['ms']:>9.1f} {r['tokens_per_s']:>11,.0f} "
-            f"{fmt(r['vs_base'], '.2f', '-'):>7}x {fmt(r['vs_prev'], '.2f', '-'):>7}{'x' if r['vs_prev'] else ' '} "
+            f"{fmt(r['vs_base'], '.2f', '-'):>7}x "
+            f"{fmt(r['vs_prev'], '.2f', '-'):>7}{'x' if r['vs_prev'] else ' '} "
             f"{fmt(r['mfu'], '.1%'):>7} {fmt(r['peak_mb'], ',.0f'):>9}"
         )
         if "ours_over_hf" in r:
@@ -319,9 +333,13 @@ class HFTwin(torch.nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hf_config = GPT2Config(
-            vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-            n_layer=config.n_layer, n_head=config.n_head, tie_word_embeddings=True,
-        )  # fmt: skip
+            vocab_size=config.vocab_size,
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            tie_word_embeddings=True,
+        )
         self.hf = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
         self.config = config
 

@@ -66,8 +66,16 @@ WRAPPERS = re.compile(r"^(?:_orig_mod\.|module\.)+")  # torch.compile and DDP ke
 PLAIN = (torch.Tensor, str, int, float, bool, type(None))  # what weights_only=True reads back
 # the only objects the earlier format (numpy RNG states) held beside plain values: --adopt
 # reads a file that needs these and nothing else, still with the safe loader
-OLD_FORMAT = {f"numpy.{c}" for c in ("_core.multiarray._reconstruct", "core.multiarray._reconstruct",
-                                     "ndarray", "dtype", "dtypes.UInt32DType")}  # fmt: skip
+OLD_FORMAT = {
+    f"numpy.{c}"
+    for c in (
+        "_core.multiarray._reconstruct",
+        "core.multiarray._reconstruct",
+        "ndarray",
+        "dtype",
+        "dtypes.UInt32DType",
+    )
+}
 
 
 # --- content checks -------------------------------------------------------------------------
@@ -125,8 +133,10 @@ def check_plain(state, name=""):
     would refuse (a numpy array, a Path, any object): what a checkpoint holds must load safely."""
     for leaf, v in _leaves(state, name):
         if not isinstance(v, PLAIN):
-            raise TypeError(f"checkpoint value {leaf} is a {type(v).__qualname__}: store plain "
-                            "values (dict, list, tuple, str, int, float, bool, None, tensors)")  # fmt: skip
+            raise TypeError(
+                f"checkpoint value {leaf} is a {type(v).__qualname__}: store plain "
+                "values (dict, list, tuple, str, int, float, bool, None, tensors)"
+            )
 
 
 def _unsafe_globals(path):
@@ -147,8 +157,10 @@ def _read(path, map_location="cpu", allow=()):
         if need := _unsafe_globals(path):
             if need <= OLD_FORMAT:
                 return None, "is in the earlier checkpoint format (numpy RNG states)"
-            return None, (f"is not a plain checkpoint: it needs {', '.join(sorted(need))}, which "
-                          "only unpickling would build, and that can run any code; not loaded")  # fmt: skip
+            return None, (
+                f"is not a plain checkpoint: it needs {', '.join(sorted(need))}, which "
+                "only unpickling would build, and that can run any code; not loaded"
+            )
         return None, f"cannot be read ({type(e).__name__})"
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         return None, "is not a checkpoint of this project (no model/model_config)"
@@ -195,8 +207,12 @@ def newest_good_checkpoint(out, before=None):
 def checkpoint_state(step, model, model_config, **extra):
     """What a checkpoint holds before its checksum: the state's own tensors, not copies.
     Raises TypeError for a value the safe loader would refuse (see check_plain)."""
-    state = dict(step=step, model=clean_state_dict(model.state_dict()),
-                 model_config=asdict(model_config), **extra)  # fmt: skip
+    state = dict(
+        step=step,
+        model=clean_state_dict(model.state_dict()),
+        model_config=asdict(model_config),
+        **extra,
+    )
     check_plain(state)  # a value the safe loader refuses would make an unloadable file
     return state
 
@@ -216,8 +232,10 @@ def save_checkpoint(out, step, model, model_config, **extra):
 
 def _refuse_non_finite(path, state):
     if bad := non_finite(state["model"]) or non_finite(state.get("optimizer"), "optimizer"):
-        raise UserError(f"not saving step {state['step']}: {bad} holds nan/inf; newest good "
-                        f"checkpoint: {newest_good_checkpoint(path.parent) or 'none'}")  # fmt: skip
+        raise UserError(
+            f"not saving step {state['step']}: {bad} holds nan/inf; newest good "
+            f"checkpoint: {newest_good_checkpoint(path.parent) or 'none'}"
+        )
 
 
 def _check_space(path):
@@ -226,9 +244,11 @@ def _check_space(path):
     if (found := list_checkpoints(out)) and out.is_dir():
         need, free = found[-1].stat().st_size, shutil.disk_usage(out).free
         if free < need:
-            raise UserError(f"not saving {path}: {_mib(free)} free in {out}, a checkpoint needs "
-                            f"{_mib(need)}; earlier checkpoints are intact: free space, then "
-                            "run again with --resume auto")  # fmt: skip
+            raise UserError(
+                f"not saving {path}: {_mib(free)} free in {out}, a checkpoint needs "
+                f"{_mib(need)}; earlier checkpoints are intact: free space, then "
+                "run again with --resume auto"
+            )
 
 
 def _mib(n):
@@ -237,8 +257,11 @@ def _mib(n):
 
 def _nbytes(state):
     """Bytes of tensor data in `state`, each storage once (tied weights share one)."""
-    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-                for _, v in _leaves(state) if isinstance(v, torch.Tensor)}  # fmt: skip
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+        for _, v in _leaves(state)
+        if isinstance(v, torch.Tensor)
+    }
     return sum(storages.values())
 
 
@@ -256,10 +279,12 @@ def _write_failed(path, need, e):
         raise e
     why = cause.strerror if cause is not None and cause.strerror else "write failed"
     out = path.parent
-    return UserError(f"could not write {path} ({why}): a checkpoint needs about "
-                     f"{_mib(need)}, {_mib(shutil.disk_usage(out).free)} free in "
-                     f"{out}; earlier checkpoints are intact: free space, then run again with "
-                     "--resume auto")  # fmt: skip
+    return UserError(
+        f"could not write {path} ({why}): a checkpoint needs about "
+        f"{_mib(need)}, {_mib(shutil.disk_usage(out).free)} free in "
+        f"{out}; earlier checkpoints are intact: free space, then run again with "
+        "--resume auto"
+    )
 
 
 def _write(path, state, f=None):
@@ -408,8 +433,9 @@ class BackgroundSave:
         self.thread.start()  # not a daemon: an ending process waits for the write to finish
 
     @classmethod
-    def begin(cls, out, step, model, model_config, keep_last=0, verify=False, buffers=None,
-              **extra):  # fmt: skip
+    def begin(
+        cls, out, step, model, model_config, keep_last=0, verify=False, buffers=None, **extra
+    ):
         """-> (BackgroundSave, buffers to pass to the next one). Raises UserError when the disk
         has no room for it, TypeError for a value the safe loader would refuse."""
         state = checkpoint_state(step, model, model_config, **extra)
@@ -438,8 +464,10 @@ class BackgroundSave:
                 raise
             _write(self.path, state, f)
             if verify and (why := verify_checkpoint(self.path)):
-                raise UserError(f"checkpoint {self.path} {why}, read back right after it was "
-                                "written: check the disk and memory of this machine")  # fmt: skip
+                raise UserError(
+                    f"checkpoint {self.path} {why}, read back right after it was "
+                    "written: check the disk and memory of this machine"
+                )
             prune_checkpoints(self.path.parent, keep_last, good=self.path if verify else None)
         except BaseException as e:  # handed to the training loop by wait()
             self.error = e
@@ -499,8 +527,10 @@ def load_checkpoint(path, map_location="cpu"):
             f"verified; if you trust it, add one: python -m common.checkpoint --adopt {path}"
         )
     if why and why.startswith("is in the earlier"):
-        raise UserError(f"{path} {why}, which the safe loader refuses; if you trust it, convert "
-                        f"it: python -m common.checkpoint --adopt {path}")  # fmt: skip
+        raise UserError(
+            f"{path} {why}, which the safe loader refuses; if you trust it, convert "
+            f"it: python -m common.checkpoint --adopt {path}"
+        )
     if why and why.startswith("is not a plain"):  # no older checkpoint offered: not ours
         raise UserError(f"checkpoint {path} {why}")
     if why:
@@ -543,8 +573,13 @@ def _plain_rng(state):
     version, internal, gauss = state["python"]
     name, keys, pos, has_gauss, cached = state["numpy"]
     python = [int(version), torch.tensor(internal, dtype=torch.int64), gauss]
-    numpy = [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
-             int(has_gauss), float(cached)]  # fmt: skip
+    numpy = [
+        str(name),
+        torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    ]
     return dict(state, python=python, numpy=numpy)
 
 
@@ -604,8 +639,12 @@ class RunLock:
                     "wait for it to finish, or choose another --out"
                 ) from None
             self._held[key] = fd
-        info = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%F %T"),
-                    command=" ".join(sys.argv))  # fmt: skip
+        info = dict(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            since=time.strftime("%F %T"),
+            command=" ".join(sys.argv),
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self.fd = fd
@@ -638,16 +677,28 @@ def _describe(holder):
 
 # What changes a run. batch_size and the number of GPUs are not here: with total_batch fixed
 # they only split the same batch into other micro-steps. Paths (data_dir, out) may move.
-RESUME_KEYS = ("preset", "seq_len", "total_batch", "steps", "warmup_steps", "max_lr",
-               "weight_decay", "grad_clip", "dtype")  # fmt: skip
+RESUME_KEYS = (
+    "preset",
+    "seq_len",
+    "total_batch",
+    "steps",
+    "warmup_steps",
+    "max_lr",
+    "weight_decay",
+    "grad_clip",
+    "dtype",
+)
 
 
 def check_resume(saved, new, keys=RESUME_KEYS, allow_change=False):
     """The settings in `keys` (present in both configs) that differ between a checkpoint's
     config and this run's, e.g. ["--max-lr 0.0006 -> 0.0003"]. Any difference is refused
     (UserError) unless allow_change (--allow-config-change); then they are returned, to log."""
-    changes = [f"--{k.replace('_', '-')} {saved[k]} -> {new[k]}"
-               for k in keys if k in saved and k in new and saved[k] != new[k]]  # fmt: skip
+    changes = [
+        f"--{k.replace('_', '-')} {saved[k]} -> {new[k]}"
+        for k in keys
+        if k in saved and k in new and saved[k] != new[k]
+    ]
     if changes and not allow_change:
         raise UserError(
             f"resuming would change the run ({'; '.join(changes)}): give the checkpoint's "
@@ -670,8 +721,9 @@ def adopt(path):
     and a checksum. It is read with the safe loader plus the three numpy types that format
     held, nothing else; a checksum it carries is checked first, and its weights."""
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-    state, why = _read(path, allow=[core.multiarray._reconstruct, np.ndarray, np.dtype,
-                                    np.dtypes.UInt32DType])  # fmt: skip
+    state, why = _read(
+        path, allow=[core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    )
     if why not in ("has no checksum", None) and not why.startswith("fails its checksum"):
         raise UserError(f"{path} {why}: not a checkpoint to adopt")
     old_rng = isinstance(state.get("rng", {}).get("numpy"), tuple)

@@ -38,15 +38,43 @@ from common import UserError
 # "> 0", ">= 0", "(0, 1]", or a tuple of the allowed values. Fields ending in _every are >= 0
 # (0: never). Floats must also be finite (argparse takes "nan" and "inf").
 RULES = {
-    **dict.fromkeys(("batch_size", "seq_len", "steps", "total_batch", "val_steps", "new_tokens",
-                     "max_new_tokens", "num_samples", "shard_size", "timed", "lr", "max_lr",
-                     "grad_clip"), "> 0"),
-    **dict.fromkeys(("warmup_steps", "warmup", "seed", "keep_last", "limit", "hellaswag_limit",
-                     "max_tokens", "workers", "top_k", "weight_decay", "temperature"),
-                    ">= 0"),
+    **dict.fromkeys(
+        (
+            "batch_size",
+            "seq_len",
+            "steps",
+            "total_batch",
+            "val_steps",
+            "new_tokens",
+            "max_new_tokens",
+            "num_samples",
+            "shard_size",
+            "timed",
+            "lr",
+            "max_lr",
+            "grad_clip",
+        ),
+        "> 0",
+    ),
+    **dict.fromkeys(
+        (
+            "warmup_steps",
+            "warmup",
+            "seed",
+            "keep_last",
+            "limit",
+            "hellaswag_limit",
+            "max_tokens",
+            "workers",
+            "top_k",
+            "weight_decay",
+            "temperature",
+        ),
+        ">= 0",
+    ),
     "top_p": "(0, 1]",
     "dtype": ("bfloat16", "float16", "float32"),
-}  # fmt: skip
+}
 
 
 def _field_help(cls):
@@ -131,7 +159,9 @@ def parse_args(Config, argv=None):
         if used:  # the one line naming every value that is not the stage's default
             shown = ", ".join(used) + (f"; as given: {', '.join(kept)}" if kept else "")
             why = "--device cpu" if getattr(cfg, "device", None) == "cpu" else "No CUDA GPU"
-            hint = "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"  # fmt: skip
+            hint = (
+                "--preset gpt2 forces the real size" if "preset" in hints else "flags override them"
+            )
             note = f"{why}: using the CPU defaults ({shown}); {hint}."
     validate(cfg)  # a bad value is then the only thing said
     if note:
@@ -174,7 +204,8 @@ def validate(cfg):
         block = preset_config(preset).block_size  # an unknown preset: one line, now
         if T > block:  # said before any data is read (the model would say it at step 0)
             raise UserError(
-                f"sequence length {T} exceeds block_size {block} of --preset {preset}: lower --seq-len"
+                f"sequence length {T} exceeds block_size {block} of --preset {preset}: "
+                "lower --seq-len"
             )
 
 
@@ -201,6 +232,7 @@ def _excepthook(kind, value, tb):
         print(f"error: {_out_of_memory(tb)}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, value, tb)
+
 
 def _out_of_memory(tb):
     """The one line for a torch.OutOfMemoryError: where (step, micro-step, micro-batch, from
@@ -232,8 +264,10 @@ def _out_of_memory(tb):
     if torch.cuda.is_available():
         d = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(d)
-        parts.append(f"peak {torch.cuda.max_memory_allocated(d) / 2**30:.1f} GiB allocated of "
-                     f"{props.total_memory / 2**30:.1f} GiB on {props.name}")  # fmt: skip
+        parts.append(
+            f"peak {torch.cuda.max_memory_allocated(d) / 2**30:.1f} GiB allocated of "
+            f"{props.total_memory / 2**30:.1f} GiB on {props.name}"
+        )
     else:
         parts.append("no CUDA memory statistics here (peak and card memory unknown)")
     out = getattr(cfg, "out", None)  # ckpt_{step:06d}.pt: sorted by name is sorted by step
@@ -253,8 +287,10 @@ def _out_of_memory(tb):
         same = f", the same {tokens:,} tokens per step" if tokens else ""
         hint = typing.get_type_hints(type(cfg))["batch_size"]  # int | str: the stage has auto
         auto = " (or --batch-size auto)" if str in typing.get_args(hint) else ""
-        parts.append(f"rerun with --batch-size {B // 2}{same}{auto}: "
-                     f"{prog}{' '.join([os.path.basename(sys.argv[0]), *argv])}")  # fmt: skip
+        parts.append(
+            f"rerun with --batch-size {B // 2}{same}{auto}: "
+            f"{prog}{' '.join([os.path.basename(sys.argv[0]), *argv])}"
+        )
     elif B == 1:
         parts.append("even B=1 does not fit: use a smaller --preset or --seq-len")
     else:  # not in a stage's main(): no config to go by

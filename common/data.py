@@ -5,6 +5,7 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -186,15 +187,27 @@ class ShardLoader:
     vocab_size (another tokenizer's, or a damaged file) is refused when it is first read: as
     an embedding index it would crash or silently poison the run."""
 
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, step_tokens=0,
-                 vocab_size=GPT2_VOCAB, shuffle=None, seed=0):  # fmt: skip
+    def __init__(
+        self,
+        data_dir,
+        split,
+        batch_size,
+        seq_len,
+        rank=0,
+        world_size=1,
+        step_tokens=0,
+        vocab_size=GPT2_VOCAB,
+        shuffle=None,
+        seed=0,
+    ):
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.micro_tokens = batch_size * seq_len * world_size  # all ranks, one micro-step
         self.step_tokens = step_tokens or self.micro_tokens  # all ranks, one optimizer step
         if self.step_tokens % self.micro_tokens:
             raise UserError(
-                f"total batch {self.step_tokens} is not a multiple of B*T*GPUs = {self.micro_tokens}"
+                f"total batch {self.step_tokens} is not a multiple of "
+                f"B*T*GPUs = {self.micro_tokens}"
             )
         self.step_windows = self.step_tokens // seq_len
         self.shuffle, self.seed = shuffle, seed
@@ -282,8 +295,13 @@ class ShardLoader:
     def state_dict(self):
         # the file name too: the index alone could point elsewhere if another batch size or
         # world size skips a different set of too-small shards on resume
-        return {"epoch": self.epoch, "shard": self.shard, "file": self.files[self.shard].name,
-                "window": self.window, "seed": self.seed}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "shard": self.shard,
+            "file": self.files[self.shard].name,
+            "window": self.window,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state):
         shard, epoch = int(state["shard"]), int(state.get("epoch", 0))
@@ -307,8 +325,6 @@ class ShardLoader:
 #   python -m common.data --tiny-shakespeare input.txt      # 02-06: --input input.txt
 #   python -m common.data --docs-jsonl docs.jsonl           # 07's small run, via common.fineweb
 #   python -m common.data --text my.txt --docs-jsonl docs.jsonl
-
-from dataclasses import dataclass  # noqa: E402  (kept beside the one class that needs it)
 
 
 @dataclass
@@ -354,8 +370,10 @@ def main(cfg):
             raise UserError(f"{source}: no text to split into documents")
         _write_atomic(cfg.docs_jsonl, "".join(json.dumps({"text": d}) + "\n" for d in docs))
         print(f"wrote {cfg.docs_jsonl}: {len(docs):,} documents of {source or 'tiny shakespeare'}")
-        print(f"next: python -m common.fineweb --data-files {cfg.docs_jsonl} --shard-size 100000 "
-              "--out-dir data/tiny")  # fmt: skip
+        print(
+            f"next: python -m common.fineweb --data-files {cfg.docs_jsonl} --shard-size 100000 "
+            "--out-dir data/tiny"
+        )
         result.update(docs_jsonl=cfg.docs_jsonl, docs=len(docs))
     return result
 

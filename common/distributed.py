@@ -26,8 +26,9 @@ class Dist:
 
 
 def setup_ddp(device):
-    """Stage 07's, as 07_ddp_fineweb.py writes it. torchrun starts one process per GPU and tells each who it is: RANK (0..N-1 over all
-    nodes), LOCAL_RANK (its GPU on this node), WORLD_SIZE (N). Without them: one process."""
+    """Stage 07's, as 07_ddp_fineweb.py writes it. torchrun starts one process per GPU and
+    tells each who it is: RANK (0..N-1 over all nodes), LOCAL_RANK (its GPU on this node),
+    WORLD_SIZE (N). Without them: one process."""
     if "RANK" not in os.environ:
         return Dist(device=pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -35,7 +36,8 @@ def setup_ddp(device):
     kw = {}  # init_process_group finds the store at MASTER_ADDR:MASTER_PORT
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, kept over
         # restarts (torch 2.13): a restarted rank must not read the dead attempt's addresses
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)  # fmt: skip
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(addr, port, is_master=False)
         prefix = f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/"  # each attempt its own keys
         kw = dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size)
     if device in ("auto", "cuda") and torch.cuda.is_available():

@@ -49,8 +49,10 @@ def hf_config(config):
         n_head=config.n_head,
         activation_function="gelu_new",  # the tanh approximation, as our MLP
         tie_word_embeddings=config.tie_weights,  # an untied lm_head is saved on its own
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
-    )  # fmt: skip
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # we train without dropout
+    )
 
 
 def to_hf(model):
@@ -106,8 +108,10 @@ def main(cfg):
     out = export(model, cfg.out, force=cfg.force, tokenizer=cfg.tokenizer)
     files = sorted(p.name for p in out.iterdir())
     c = model.config
-    print(f"exported step {ckpt['step']} ({model.num_params():,} parameters, {c.n_layer} layers, "
-          f"{c.n_embd} wide, block {c.block_size}) to {out}: {', '.join(files)}")  # fmt: skip
+    print(
+        f"exported step {ckpt['step']} ({model.num_params():,} parameters, {c.n_layer} layers, "
+        f"{c.n_embd} wide, block {c.block_size}) to {out}: {', '.join(files)}"
+    )
     return dict(out=str(out), files=files, step=ckpt["step"])
 
 

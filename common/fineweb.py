@@ -262,9 +262,13 @@ def settings_of(cfg):
     source = dict(data_files=files) if files else dict(dataset=cfg.dataset, name=cfg.name)
     split = "train" if files else cfg.split
     return dict(
-        **source, split=split, text_column=cfg.text_column, prefix=cfg.prefix,
-        shard_size=cfg.shard_size, tokenizer="gpt2",
-    )  # fmt: skip
+        **source,
+        split=split,
+        text_column=cfg.text_column,
+        prefix=cfg.prefix,
+        shard_size=cfg.shard_size,
+        tokenizer="gpt2",
+    )
 
 
 def resume_point(cfg, settings):
@@ -333,8 +337,15 @@ def main(cfg):
     if done:
         fin = json.loads(progress_file.read_text())["finished"]
         print(f"{out_dir}: already complete ({fin['files']} shards, {fin['tokens']:,} tokens)")
-        return dict(shards_written=0, shards=fin["files"], tokens=fin["tokens"], new_tokens=0,
-                    seconds=0.0, tokens_per_s=0.0, out_dir=str(out_dir))  # fmt: skip
+        return dict(
+            shards_written=0,
+            shards=fin["files"],
+            tokens=fin["tokens"],
+            new_tokens=0,
+            seconds=0.0,
+            tokens_per_s=0.0,
+            out_dir=str(out_dir),
+        )
     progress = dict(settings=settings, shards=shards, finished=None)
     if shards:  # from here a crash resumes at len(shards); with none, there is nothing to keep
         write_progress(progress_file, progress)
@@ -400,13 +411,22 @@ def main(cfg):
 
     seconds = time.perf_counter() - t0
     new = total - start_total
-    print(f"wrote {written} shards ({new:,} tokens, {workers} workers) in {seconds:.1f}s: "
-          f"{new / seconds:,.0f} tokens/s")  # fmt: skip
+    print(
+        f"wrote {written} shards ({new:,} tokens, {workers} workers) in {seconds:.1f}s: "
+        f"{new / seconds:,.0f} tokens/s"
+    )
     print(f"summary: {out_dir} holds {index} shards, {total:,} tokens (shard 0 is val)")
     if index == 1:
         print("note: only one shard, the val split; lower --shard-size to get train shards")
-    return dict(shards_written=written, shards=index, tokens=total, new_tokens=new,
-                seconds=seconds, tokens_per_s=new / seconds, out_dir=str(out_dir))  # fmt: skip
+    return dict(
+        shards_written=written,
+        shards=index,
+        tokens=total,
+        new_tokens=new,
+        seconds=seconds,
+        tokens_per_s=new / seconds,
+        out_dir=str(out_dir),
+    )
 
 
 if __name__ == "__main__":

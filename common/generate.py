@@ -36,8 +36,10 @@ class KVCache:
 
     def expand(self, batch_size):
         """A batch-1 cache (a prompt read once) -> batch_size independent copies."""
-        self.kv = {m: (k.repeat(batch_size, 1, 1, 1), v.repeat(batch_size, 1, 1, 1))
-                   for m, (k, v) in self.kv.items()}  # fmt: skip
+        self.kv = {
+            m: (k.repeat(batch_size, 1, 1, 1), v.repeat(batch_size, 1, 1, 1))
+            for m, (k, v) in self.kv.items()
+        }
 
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
@@ -66,8 +68,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             top_p=None, eos=None, use_cache=True):  # fmt: skip
+def generate(
+    model,
+    idx,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    generator=None,
+    top_p=None,
+    eos=None,
+    use_cache=True,
+):
     """Sample up to max_new_tokens after idx (B, T) -> (B, T + n); a seeded torch.Generator
     makes it repeatable. Arguments as in `stream`; rows that ended with `eos` are padded
     with it, and the result is shorter when every row ended early."""
@@ -76,8 +87,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-           top_p=None, eos=None, use_cache=True):  # fmt: skip
+def stream(
+    model,
+    idx,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    generator=None,
+    top_p=None,
+    eos=None,
+    use_cache=True,
+):
     """Yield the next token of every row, (B, 1), as soon as it is drawn.
 
     temperature 0 is greedy; top_k / top_p keep the k most likely tokens / the smallest

@@ -378,6 +378,12 @@ def evaluate(
         examples_per_s=n / seconds,
     )
     if details:
-        result.update(indices=idx, labels=labels.tolist(), loss_sum=sums, loss_avg=avgs,
-                      pred=pred.tolist(), pred_norm=pred_norm.tolist())  # fmt: skip
+        result.update(
+            indices=idx,
+            labels=labels.tolist(),
+            loss_sum=sums,
+            loss_avg=avgs,
+            pred=pred.tolist(),
+            pred_norm=pred_norm.tolist(),
+        )
     return result

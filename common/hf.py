@@ -74,9 +74,13 @@ def from_pretrained(name_or_dir, **overrides):
     c = hf.config
     check_hf_config(c, name_or_dir)
     config = GPTConfig(
-        block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-        n_head=c.n_head, n_embd=c.n_embd, tie_weights=getattr(c, "tie_word_embeddings", True),
-    )  # fmt: skip
+        block_size=c.n_positions,
+        vocab_size=c.vocab_size,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        tie_weights=getattr(c, "tie_word_embeddings", True),
+    )
     model = GPT(replace(config, **overrides))
     load_hf_state_dict(model, hf.state_dict())
     return model

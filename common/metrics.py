@@ -66,8 +66,9 @@ def _git_commit():
     root = Path(__file__).resolve().parent.parent
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -82,8 +83,13 @@ def _cuda_driver():
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
@@ -113,8 +119,11 @@ def run_info(config=None):
         config=_as_dict(config) or {},
     )
     if torch.cuda.is_available():
-        info.update(cuda_driver=_cuda_driver(), gpu=torch.cuda.get_device_name(0),
-                    gpu_count=torch.cuda.device_count())  # fmt: skip
+        info.update(
+            cuda_driver=_cuda_driver(),
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+        )
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         info.update(gpu="mps", gpu_count=1)
     return info

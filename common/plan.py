@@ -120,18 +120,22 @@ def _counts(config_items):
 def layer_terms(config, T, p, attn="sdpa", compiled=False):
     """Bytes one layer keeps for the backward, per token: [(what, bytes)], as the docstring."""
     h, a = config.n_embd, config.n_head
-    terms = [("ln_1 input (residual, fp32)", 4 * h),
-             ("c_attn input (ln_1 out)", p * h),
-             ("q, k, v (c_attn out)", 3 * p * h)]  # fmt: skip
+    terms = [
+        ("ln_1 input (residual, fp32)", 4 * h),
+        ("c_attn input (ln_1 out)", p * h),
+        ("q, k, v (c_attn out)", 3 * p * h),
+    ]
     if attn == "sdpa":  # flash: the output and one fp32 log-sum-exp per head; no (T, T)
         terms.append(("attention output + log-sum-exp", p * h + 4 * a))
     else:  # the softmax output, fp32 (autocast runs softmax in fp32), + its bf16 copy
         terms.append(("softmax (T x T per head)", 4 * a * T + (2 * a * T if p == 2 else 0)))
     if attn == "manual" and not compiled:  # flash lays its output out as (B, T, a, hs) already
         terms.append(("heads merged (c_proj input)", p * h))
-    terms += [("ln_2 input (residual, fp32)", 4 * h),
-              ("c_fc input (ln_2 out)", p * h),
-              ("GELU input (c_fc out)", 4 * p * h)]  # fmt: skip
+    terms += [
+        ("ln_2 input (residual, fp32)", 4 * h),
+        ("c_fc input (ln_2 out)", p * h),
+        ("GELU input (c_fc out)", 4 * p * h),
+    ]
     if not compiled:
         terms.append(("GELU output (c_proj input)", 4 * p * h))
     return terms
@@ -206,7 +210,9 @@ def find_card(name):
     found = exact or [k for k in bench.CARDS if _norm(name) in _norm(k)]
     if len(found) != 1:
         why = f"matches {', '.join(found)}" if found else "is not in the table"
-        raise UserError(f"--gpu {name} {why}: choose one of {', '.join(bench.CARDS)}, or give --memory")  # fmt: skip
+        raise UserError(
+            f"--gpu {name} {why}: choose one of {', '.join(bench.CARDS)}, or give --memory"
+        )
     return found[0], bench.CARDS[found[0]]
 
 
@@ -219,7 +225,9 @@ def measured_mfu(out):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     mfus = [r["mfu"] for r in rows if r.get("split") == "train" and r.get("mfu")]
     if not mfus:
-        raise UserError(f"--from-run {out}: no MFU in its metrics (a CPU run, or a GPU the table lacks)")  # fmt: skip
+        raise UserError(
+            f"--from-run {out}: no MFU in its metrics (a CPU run, or a GPU the table lacks)"
+        )
     return statistics.median(mfus[10:] or mfus)
 
 
@@ -322,14 +330,19 @@ def auto_batch_size(cfg, device, memory, world_size=1, card="this device"):
         except torch.OutOfMemoryError:
             smaller = divisors_down(per_gpu, B // 2)
             if not smaller:
-                raise UserError(f"--batch-size auto: out of memory even at B=1 on {card}: "
-                                "use a smaller --preset or --seq-len") from None  # fmt: skip
+                raise UserError(
+                    f"--batch-size auto: out of memory even at B=1 on {card}: "
+                    "use a smaller --preset or --seq-len"
+                ) from None
             print(f"--batch-size auto: B={B} ran out of memory; trying B={smaller[0]}")
             B = smaller[0]
     est = estimate(config, B, T, dtype, gpus=world_size)["peak"]
-    print(f"--batch-size auto: B={B}, {per_gpu // B} micro-step(s) of {B}x{T} per GPU per "
-          f"optimizer step; peak memory {est / GiB:.2f} GiB estimated, {measured / GiB:.2f} "
-          f"GiB measured, of {memory / GiB:.1f} GiB on {card}", flush=True)  # fmt: skip
+    print(
+        f"--batch-size auto: B={B}, {per_gpu // B} micro-step(s) of {B}x{T} per GPU per "
+        f"optimizer step; peak memory {est / GiB:.2f} GiB estimated, {measured / GiB:.2f} "
+        f"GiB measured, of {memory / GiB:.1f} GiB on {card}",
+        flush=True,
+    )
     return B
 
 
@@ -342,7 +355,9 @@ def try_step(config, B, T, device, dtype="bfloat16"):
 
     cuda = str(device).startswith("cuda")
     half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    autocast = torch.autocast(str(device).split(":")[0], dtype=half or torch.float32, enabled=half is not None)  # fmt: skip
+    autocast = torch.autocast(
+        str(device).split(":")[0], dtype=half or torch.float32, enabled=half is not None
+    )
     with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         try:
             if cuda:
@@ -369,7 +384,6 @@ def try_step(config, B, T, device, dtype="bfloat16"):
                 torch.cuda.empty_cache()
 
 
-
 def main(cfg):
     if cfg.dtype not in HALF:
         raise UserError(f"--dtype {cfg.dtype}: use bfloat16, float16 or float32")
@@ -380,11 +394,15 @@ def main(cfg):
     try:
         sizes = [int(b) for b in str(cfg.batch_size).split(",")]
     except ValueError:
-        raise UserError(f"--batch-size {cfg.batch_size}: give sizes such as 16 or 8,16,32") from None  # fmt: skip
+        raise UserError(
+            f"--batch-size {cfg.batch_size}: give sizes such as 16 or 8,16,32"
+        ) from None
     kw = dict(dtype=cfg.dtype, attn=cfg.attn, compiled=cfg.compile)
     N = meta_model(config).num_params()
-    print(f"{cfg.preset}: {N:,} parameters, T={T}, {cfg.dtype}, {cfg.attn} attention, "
-          f"compile {cfg.compile}, {cfg.gpus} GPU(s); estimated peak memory per GPU:")  # fmt: skip
+    print(
+        f"{cfg.preset}: {N:,} parameters, T={T}, {cfg.dtype}, {cfg.attn} attention, "
+        f"compile {cfg.compile}, {cfg.gpus} GPU(s); estimated peak memory per GPU:"
+    )
     print("\n".join(breakdown(cfg, config, sizes, kw)))
     mfu = measured_mfu(cfg.from_run) if cfg.from_run else cfg.mfu
     how = f"MFU {mfu:.0%} {'measured in ' + cfg.from_run if cfg.from_run else 'assumed (--mfu)'}"
@@ -396,22 +414,36 @@ def main(cfg):
         memory = parse_memory(cfg.memory) if cfg.memory else card.memory_gib * GiB
         auto = dict(kw, compiled=False)  # as --batch-size auto sizes it: see fit_batch_size
         B, accum = largest_batch(config, T, memory, cfg.total_batch, cfg.gpus, **auto)
-        where = f"{name or 'a card'} ({memory / GiB:.0f} GiB; a run may use {usable(memory) / GiB:.1f})"  # fmt: skip
+        where = (
+            f"{name or 'a card'} ({memory / GiB:.0f} GiB; a run may use {usable(memory) / GiB:.1f})"
+        )
         if B is None:
-            print(f"{where}: not even B=1 fits; use a smaller --preset or --seq-len, or more memory")  # fmt: skip
+            print(
+                f"{where}: not even B=1 fits; use a smaller --preset or --seq-len, or more memory"
+            )
             return dict(result, batch_size=None)
         peak = estimate(config, B, T, gpus=cfg.gpus, **auto)["peak"]
         compiled = estimate(config, B, T, gpus=cfg.gpus, **dict(kw, compiled=True))["peak"]
-        print(f"{where}: --batch-size auto: B = {B} (estimated peak {peak / GiB:.1f} GiB uncompiled, "
-              f"{compiled / GiB:.1f} compiled), {accum} micro-step(s) x {cfg.gpus} GPU(s) x {B} x {T} "
-              f"= {cfg.total_batch:,} tokens per step")  # fmt: skip
+        print(
+            f"{where}: --batch-size auto: B = {B} "
+            f"(estimated peak {peak / GiB:.1f} GiB uncompiled, "
+            f"{compiled / GiB:.1f} compiled), "
+            f"{accum} micro-step(s) x {cfg.gpus} GPU(s) x {B} x {T} "
+            f"= {cfg.total_batch:,} tokens per step"
+        )
         result.update(batch_size=B, accum_steps=accum, peak=peak)
         if card:
             flops = card.bf16 if cfg.dtype == "bfloat16" and card.bf16 else card.fp16
             t = hours(config, T, tokens, flops, mfu, cfg.gpus)
-            cost = f", ${t * cfg.gpus * cfg.price:,.0f} at ${cfg.price:.2f}/GPU-hour" if cfg.price else ""  # fmt: skip
-            print(f"time (estimate): {tokens / 1e9:.1f}B tokens in {t:.1f} h on {cfg.gpus} x "
-                  f"{name} at {flops / 1e12:.0f} TFLOPS dense, {how}{cost}")  # fmt: skip
+            cost = (
+                f", ${t * cfg.gpus * cfg.price:,.0f} at ${cfg.price:.2f}/GPU-hour"
+                if cfg.price
+                else ""
+            )
+            print(
+                f"time (estimate): {tokens / 1e9:.1f}B tokens in {t:.1f} h on {cfg.gpus} x "
+                f"{name} at {flops / 1e12:.0f} TFLOPS dense, {how}{cost}"
+            )
             result.update(hours=t)
         return result
     print(f"\nevery card (estimates: {cfg.gpus} GPU(s), {tokens / 1e9:.1f}B tokens, {how}):")
@@ -420,7 +452,7 @@ def main(cfg):
     for name, card in bench.CARDS.items():
         half = "bfloat16" if card.bf16 else "float16"  # T4, V100: --dtype float16
         ckw = dict(kw, dtype=half if cfg.dtype != "float32" else "float32", compiled=False)
-        B, accum = largest_batch(config, T, card.memory_gib * GiB, cfg.total_batch, cfg.gpus, **ckw)  # fmt: skip
+        B, accum = largest_batch(config, T, card.memory_gib * GiB, cfg.total_batch, cfg.gpus, **ckw)
         flops = card.bf16 or card.fp16
         t = hours(config, T, tokens, flops, mfu, cfg.gpus)
         rows[name] = dict(batch_size=B, accum_steps=accum, hours=t)

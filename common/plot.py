@@ -42,8 +42,16 @@ class Config:
     png: str = ""  # where to write the figure; empty: metrics.png beside metrics.jsonl
 
 
-PLOTTED = ("loss", "tokens", "acc", "acc_norm", "nanogpt_acc", "nanogpt_acc_norm",
-           "lm_eval_acc", "lm_eval_acc_norm")  # the values a line is drawn from  # fmt: skip
+PLOTTED = (  # the values a line is drawn from
+    "loss",
+    "tokens",
+    "acc",
+    "acc_norm",
+    "nanogpt_acc",
+    "nanogpt_acc_norm",
+    "lm_eval_acc",
+    "lm_eval_acc_norm",
+)
 
 
 def number(v):
@@ -135,8 +143,12 @@ def plot(runs, png):
         if xs:
             xs = [v / unit for v in xs]
             ax.plot(xs, ys, "o-", color="tab:orange", ms=3, label=f"val (last {ys[-1]:.4f})")
-        ax.axhline(GPT2_VAL_LOSS, color="tab:red", ls="--",
-                   label=f"OpenAI GPT-2 124M val, published ({GPT2_VAL_LOSS})")  # fmt: skip
+        ax.axhline(
+            GPT2_VAL_LOSS,
+            color="tab:red",
+            ls="--",
+            label=f"OpenAI GPT-2 124M val, published ({GPT2_VAL_LOSS})",
+        )
         ax.set_xlabel("step" if x == "step" else "tokens (billions)")
         ax.set_ylabel("loss")
         ax.set_title(f"loss by {'step' if x == 'step' else 'tokens seen'}")
@@ -150,20 +162,34 @@ def plot(runs, png):
     lines = hellaswag_lines(runs["hellaswag"])
     for protocol, colour, (xs, ys), (xs2, ys2), published in lines:
         if xs:
-            ax.plot(xs, ys, "o-", color=colour, ms=3,
-                    label=f"ours, {protocol} protocol, acc_norm (last {ys[-1]:.4f})")  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                "o-",
+                color=colour,
+                ms=3,
+                label=f"ours, {protocol} protocol, acc_norm (last {ys[-1]:.4f})",
+            )
         if xs2:
             ax.plot(
                 xs2, ys2, ".:", color=colour, alpha=0.6, label=f"ours, {protocol} protocol, acc"
             )
-        ax.axhline(published, color=colour, ls="--",  # measured the same way: the same colour
-                   label=f"OpenAI GPT-2 124M, {protocol} protocol acc_norm, published "
-                         f"({published})")  # fmt: skip
+        ax.axhline(
+            published,
+            color=colour,
+            ls="--",  # measured the same way: the same colour
+            label=f"OpenAI GPT-2 124M, {protocol} protocol acc_norm, published ({published})",
+        )
     if not lines:
-        ax.text(0.5, 0.5, "no HellaSwag evaluations in this run", ha="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.axhline(GPT3_HELLASWAG, color="tab:purple", ls="--",
-               label=f"GPT-3 125M acc_norm, published ({GPT3_HELLASWAG})")  # fmt: skip
+        ax.text(
+            0.5, 0.5, "no HellaSwag evaluations in this run", ha="center", transform=ax.transAxes
+        )
+    ax.axhline(
+        GPT3_HELLASWAG,
+        color="tab:purple",
+        ls="--",
+        label=f"GPT-3 125M acc_norm, published ({GPT3_HELLASWAG})",
+    )
     ax.axhline(0.25, color="gray", ls=":", lw=0.8, label="chance (0.25)")
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
@@ -185,8 +211,10 @@ def main(cfg):
     png = Path(cfg.png) if cfg.png else (run if run.is_dir() else run.parent) / "metrics.png"
     plot(runs, png)
     counts = {k: len(v) for k, v in runs.items()}
-    print(f"wrote {png} ({png.stat().st_size / 1024:.0f} KB) from "
-          f"{', '.join(f'{n} {k}' for k, n in counts.items())} lines")  # fmt: skip
+    print(
+        f"wrote {png} ({png.stat().st_size / 1024:.0f} KB) from "
+        f"{', '.join(f'{n} {k}' for k, n in counts.items())} lines"
+    )
     return dict(png=str(png), counts=counts)
 
 

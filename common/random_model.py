@@ -29,13 +29,20 @@ def main(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
-    hf_config = GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                           n_positions=c.block_size, vocab_size=c.vocab_size)  # fmt: skip
+    hf_config = GPT2Config(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        n_positions=c.block_size,
+        vocab_size=c.vocab_size,
+    )
     model = GPT2LMHeadModel(hf_config)
     model.save_pretrained(cfg.out)
     params = sum(p.numel() for p in model.parameters())  # lm_head is tied to wte: counted once
-    print(f"wrote {cfg.out}: GPT2LMHeadModel, preset {cfg.preset} ({PRESETS[cfg.preset]}), "
-          f"{params:,} parameters, random weights (seed {cfg.seed})")  # fmt: skip
+    print(
+        f"wrote {cfg.out}: GPT2LMHeadModel, preset {cfg.preset} ({PRESETS[cfg.preset]}), "
+        f"{params:,} parameters, random weights (seed {cfg.seed})"
+    )
     return dict(out=str(Path(cfg.out)), params=params, config=hf_config.to_dict())
 
 

@@ -54,9 +54,17 @@ import torch.distributed as dist
 
 from common import UserError, bench
 from common.checkpoint import (
-    BackgroundSave, RunLock, check_plain, check_resume, list_checkpoints, load_checkpoint,
-    newest_good_checkpoint, remove_stale_temps, rng_state, set_rng_state,
-)  # fmt: skip
+    BackgroundSave,
+    RunLock,
+    check_plain,
+    check_resume,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    remove_stale_temps,
+    rng_state,
+    set_rng_state,
+)
 from common.distributed import print0
 from common.metrics import MetricsLog, make_tracker
 
@@ -115,10 +123,19 @@ class Run:
                     raise error
                 waited = time.perf_counter() - t0
                 self.saving, self.buffers = BackgroundSave.begin(
-                    self.cfg.out, step, self.model, self.model.config, self.cfg.keep_last, wait,
-                    self.buffers, optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
-                    loader=self.loader.state_dict(), rng=rng_state(), tokens=self.tokens_at(step),
-                )  # fmt: skip
+                    self.cfg.out,
+                    step,
+                    self.model,
+                    self.model.config,
+                    self.cfg.keep_last,
+                    wait,
+                    self.buffers,
+                    optimizer=self.optimizer.state_dict(),
+                    config=asdict(self.cfg),
+                    loader=self.loader.state_dict(),
+                    rng=rng_state(),
+                    tokens=self.tokens_at(step),
+                )
                 if wait:  # the save before a stop, and the last: the loop waits for the write
                     self.saving.done(wait=True)
                 self.saving.waited_s, self.saving.stall_s = waited, time.perf_counter() - t0
@@ -144,9 +161,14 @@ class Run:
         except Exception as e:  # UserError: one line; anything else keeps its traceback
             return e
         print(f"saved {self.newest}")
-        self.log(step=job.step, split="checkpoint", path=str(self.newest),
-                 stall_s=round(job.stall_s, 4), waited_s=round(job.waited_s, 4),
-                 write_s=round(job.write_s, 4))  # fmt: skip
+        self.log(
+            step=job.step,
+            split="checkpoint",
+            path=str(self.newest),
+            stall_s=round(job.stall_s, 4),
+            waited_s=round(job.waited_s, 4),
+            write_s=round(job.write_s, 4),
+        )
         return None
 
     def _any(self, flag):
@@ -173,8 +195,10 @@ class Run:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signal = signum
-        print(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint",
-              flush=True)  # fmt: skip
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint",
+            flush=True,
+        )
 
     def preempted(self):
         """Every rank, after every step: whether a stop signal reached any rank. One flag
@@ -196,8 +220,10 @@ class Run:
         if self.world_size > 1:
             dist.barrier()  # no rank leaves before the checkpoint is on disk
         name = signal.Signals(self.signal).name if self.signal else "a signal to another rank"
-        print0(f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
-               f"{PREEMPTED}; run the same command with --resume auto to continue")  # fmt: skip
+        print0(
+            f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
+            f"{PREEMPTED}; run the same command with --resume auto to continue"
+        )
         self.close()
         if _distributed():
             dist.destroy_process_group()
@@ -275,8 +301,10 @@ def start_run(cfg, model, optimizer, loader, master):
         ckpt = None
     if ckpt:
         if ckpt["model_config"] != asdict(model.config):
-            raise UserError(f"{ckpt['path']} holds another model ({ckpt['model_config']}): "
-                            "resume with the same --preset")  # fmt: skip
+            raise UserError(
+                f"{ckpt['path']} holds another model ({ckpt['model_config']}): "
+                "resume with the same --preset"
+            )
         changes = check_resume(ckpt["config"], asdict(cfg), allow_change=cfg.allow_config_change)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -285,19 +313,27 @@ def start_run(cfg, model, optimizer, loader, master):
         run.start_step, run.newest = ckpt["step"], ckpt["path"]
         run.start_tokens = ckpt.get("tokens", ckpt["step"] * ckpt["config"]["total_batch"])
         if run.start_step >= cfg.steps:
-            raise UserError(f"{ckpt['path']} is already at step {run.start_step} of --steps "
-                            f"{cfg.steps}: nothing to train; raise --steps (with "
-                            "--allow-config-change) to go on")  # fmt: skip
+            raise UserError(
+                f"{ckpt['path']} is already at step {run.start_step} of --steps "
+                f"{cfg.steps}: nothing to train; raise --steps (with "
+                "--allow-config-change) to go on"
+            )
         print0(f"resumed from step {run.start_step} ({ckpt['path']})")
     elif found := list_checkpoints(cfg.out):  # never overwrite another run's checkpoints
-        raise UserError(f"{cfg.out} already holds checkpoints (newest {found[-1].name}): "
-                        "add --resume (or --resume auto) to continue that run, or choose "
-                        "another --out")  # fmt: skip
+        raise UserError(
+            f"{cfg.out} already holds checkpoints (newest {found[-1].name}): "
+            "add --resume (or --resume auto) to continue that run, or choose "
+            "another --out"
+        )
     elif auto:
         print0(f"no checkpoint in {cfg.out} yet: starting fresh")
     if master:
-        tracker = make_tracker("wandb" if cfg.wandb else None, project=cfg.wandb,
-                               run_name=Path(cfg.out).name, config=asdict(cfg))  # fmt: skip
+        tracker = make_tracker(
+            "wandb" if cfg.wandb else None,
+            project=cfg.wandb,
+            run_name=Path(cfg.out).name,
+            config=asdict(cfg),
+        )
         run.metrics = MetricsLog(cfg.out, run.start_step, asdict(cfg), tracker)
         if changes:  # --allow-config-change: the file says what changed, and where
             run.log(step=run.start_step, split="config_change", changes=changes)

@@ -53,7 +53,7 @@ class Config:
 
 
 def load_model(cfg, device):
-    """Our checkpoint (--ckpt) or a GPT-2 in transformers' format (--model); returns (model, name)."""
+    """Our checkpoint (--ckpt) or a GPT-2 in transformers' format (--model) -> (model, name)."""
     if cfg.ckpt:
         model, ckpt = model_from_checkpoint(cfg.ckpt, device)
         return model, f"checkpoint {cfg.ckpt} (step {ckpt['step']})"
@@ -100,8 +100,11 @@ def main(cfg):
     text, tokens = read_prompt(cfg, enc)
     check_args(cfg, len(tokens), model.config.block_size)
     n = cfg.num_samples
-    print(f"{name}: {model.num_params():,} parameters, block_size {model.config.block_size}, "
-          f"on {device}; prompt {len(tokens)} tokens", file=sys.stderr)  # fmt: skip
+    print(
+        f"{name}: {model.num_params():,} parameters, block_size {model.config.block_size}, "
+        f"on {device}; prompt {len(tokens)} tokens",
+        file=sys.stderr,
+    )
 
     idx = torch.tensor([tokens], device=device).repeat(n, 1)  # (n, T): stream() reads it once
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -121,8 +124,17 @@ def main(cfg):
         print(text, end="", flush=True)
     t0 = time.perf_counter()
     with amp:
-        for nxt in stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                gen, cfg.top_p, eos=EOT, use_cache=cfg.use_cache):  # fmt: skip
+        for nxt in stream(
+            model,
+            idx,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k or None,
+            gen,
+            cfg.top_p,
+            eos=EOT,
+            use_cache=cfg.use_cache,
+        ):
             for i, t in enumerate(nxt[:, 0].tolist()):
                 if finished[i]:
                     continue
@@ -138,8 +150,11 @@ def main(cfg):
     synchronize(device)
     dt = time.perf_counter() - t0
     new = sum(len(r) for r in rows)
-    print(f"generated {new} tokens in {dt:.2f}s ({new / dt:,.1f} tok/s, "
-          f"KV cache {'on' if cfg.use_cache else 'off'})", file=sys.stderr)  # fmt: skip
+    print(
+        f"generated {new} tokens in {dt:.2f}s ({new / dt:,.1f} tok/s, "
+        f"KV cache {'on' if cfg.use_cache else 'off'})",
+        file=sys.stderr,
+    )
     samples = [text + enc.decode(r) for r in rows]
     return dict(samples=samples, tokens=rows, new_tokens=new, tokens_per_s=new / dt)
 

@@ -49,7 +49,9 @@ def lr_at(step, max_lr, warmup_steps, max_steps):
 def make_optimizer(model, weight_decay, lr, device):
     """Stage 06's. AdamW, GPT-3's betas; weight decay on matmuls and embeddings, not biases
     and norms."""
-    groups = [dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]  # fmt: skip
+    groups = [
+        dict(params=[p for p in model.parameters() if p.dim() >= 2], weight_decay=weight_decay),
+        dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0),
+    ]
     fused = str(device).startswith("cuda")  # one CUDA kernel for all parameters, not a loop
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)

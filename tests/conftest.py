@@ -97,8 +97,8 @@ def hf_tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory, shakespeare):
-    """Token shards made from tiny shakespeare's paragraphs by the real prep code (stage 07's tests): ~20k
-    tokens in shards of 4,000, so a run crosses from one shard to the next."""
+    """Token shards made from tiny shakespeare's paragraphs by the real prep code (stage 07's
+    tests): ~20k tokens in shards of 4,000, so a run crosses from one shard to the next."""
     import json
 
     from common import fineweb
@@ -108,8 +108,14 @@ def shards(tmp_path_factory, shakespeare):
     docs = split_documents(shakespeare.read_text())  # as `python -m common.data --docs-jsonl`
     with open(tmp / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    fineweb.main(fineweb.Config(data_files=str(tmp / "docs.jsonl"), out_dir=str(tmp / "data"),
-                                shard_size=4_000, workers=1))  # fmt: skip
+    fineweb.main(
+        fineweb.Config(
+            data_files=str(tmp / "docs.jsonl"),
+            out_dir=str(tmp / "data"),
+            shard_size=4_000,
+            workers=1,
+        )
+    )
     return tmp / "data"
 
 

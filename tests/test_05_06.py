@@ -29,8 +29,15 @@ def s06():
 
 def test_05_benchmark_has_every_row(s05, shakespeare, tmp_path):
     """The whole table on CPU, torch.compile included (~30 s of compilation)."""
-    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=32, timed=3, steps=2,
-               json=str(tmp_path / "bench.json"))  # fmt: skip
+    cfg = tiny(
+        s05,
+        input=str(shakespeare),
+        batch_size=2,
+        seq_len=32,
+        timed=3,
+        steps=2,
+        json=str(tmp_path / "bench.json"),
+    )
     out = s05.main(cfg)
     rows = {r["name"]: r for r in out["benchmark"]["rows"]}
     assert list(rows) == ["fp32", "tf32", "bf16", "flash", "vocab", "compile"]
@@ -53,9 +60,16 @@ def test_05_benchmark_has_every_row(s05, shakespeare, tmp_path):
 
 def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
     """Every round times every row in turn, so no row alone pays a warm-up or a slow moment."""
-    order = []  # the order is the point: no step is taken (test_05_benchmark_has_every_row runs them)
-    monkeypatch.setattr(bench.Row, "run", lambda self, x, y, n, timed=True: (
-        order.append((self.name, timed)), self.times.extend([0.01] * n * timed)))  # fmt: skip
+    order = []  # the order is the point: no step is taken (test_05_benchmark_has_every_row
+    # runs them)
+    monkeypatch.setattr(
+        bench.Row,
+        "run",
+        lambda self, x, y, n, timed=True: (
+            order.append((self.name, timed)),
+            self.times.extend([0.01] * n * timed),
+        ),
+    )
     cfg = tiny(s05, batch_size=2, seq_len=16, timed=3, benchmark="all")
     bench.speedup_table(replace(cfg, device="cpu"), "cpu")
     names = ["fp32", "bf16", "flash", "vocab", "compile"]
@@ -67,8 +81,16 @@ def test_05_rows_are_timed_in_interleaved_rounds(s05, monkeypatch):
 def test_05_fp16_row_and_grad_scaler(s05, shakespeare):
     """float16 (GPUs without bf16): the table's half row is fp16 and training uses a scaler.
     (Small sizes: float16 matmuls are slow on a CPU.)"""
-    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=16, timed=2, steps=5,
-               dtype="float16", benchmark="fp16")  # fmt: skip
+    cfg = tiny(
+        s05,
+        input=str(shakespeare),
+        batch_size=2,
+        seq_len=16,
+        timed=2,
+        steps=5,
+        dtype="float16",
+        benchmark="fp16",
+    )
     out = s05.main(cfg)
     assert [r["name"] for r in out["benchmark"]["rows"]] == ["fp16"]
     assert out["benchmark"]["rows"][0]["status"] == "ok"
@@ -76,8 +98,16 @@ def test_05_fp16_row_and_grad_scaler(s05, shakespeare):
 
 
 def test_05_compare_hf(s05, shakespeare):
-    cfg = tiny(s05, input=str(shakespeare), batch_size=2, seq_len=32, timed=3, steps=1,
-               benchmark="flash", compare_hf=True)  # fmt: skip
+    cfg = tiny(
+        s05,
+        input=str(shakespeare),
+        batch_size=2,
+        seq_len=32,
+        timed=3,
+        steps=1,
+        benchmark="flash",
+        compare_hf=True,
+    )
     rows = s05.main(cfg)["benchmark"]["rows"]
     assert [r["name"] for r in rows] == ["flash", "hf flash"]
     hf = rows[1]
@@ -94,11 +124,14 @@ def test_05_fp32_row_trains_like_stage_04(s05, shakespeare):
     assert b == pytest.approx(a, abs=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--benchmark", "turbo"], "unknown --benchmark 'turbo'"),
-    (["--benchmark", "tf32", "--steps", "0"], "--benchmark tf32 does not apply here"),
-    (["--dtype", "float8"], "--dtype must be one of bfloat16, float16, float32 (got float8)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--benchmark", "turbo"], "unknown --benchmark 'turbo'"),
+        (["--benchmark", "tf32", "--steps", "0"], "--benchmark tf32 does not apply here"),
+        (["--dtype", "float8"], "--dtype must be one of bfloat16, float16, float32 (got float8)"),
+    ],
+)
 def test_05_bad_names_are_refused_before_any_work(s05, args, message, capsys):
     if "tf32" in args and torch.cuda.is_available():
         pytest.skip("TF32 applies on CUDA")
@@ -110,9 +143,28 @@ def test_05_bad_names_are_refused_before_any_work(s05, args, message, capsys):
 
 
 def test_05_cli_json(cache_env, tmp_path, shakespeare):
-    r = run_script(["05_speedups.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
-                    "--steps", "0", "--benchmark", "flash", "--timed", "3", "--input",
-                    str(shakespeare), "--json", str(tmp_path / "b.json")], env=cache_env)  # fmt: skip
+    r = run_script(
+        [
+            "05_speedups.py",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--steps",
+            "0",
+            "--benchmark",
+            "flash",
+            "--timed",
+            "3",
+            "--input",
+            str(shakespeare),
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        env=cache_env,
+    )
     assert r.returncode == 0, r.stderr
     assert "flash" in r.stdout and "tok/s" in r.stdout and "torch " + torch.__version__ in r.stdout
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["name"] == "flash"
@@ -146,8 +198,10 @@ def test_decay_groups_cover_every_parameter_once():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() == 1 for p in no_decay["params"])
     assert any(names[id(p)] == "transformer.wte.weight" for p in decay["params"])
-    assert all(names[id(p)].endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
-               for p in no_decay["params"])  # fmt: skip
+    assert all(
+        names[id(p)].endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+        for p in no_decay["params"]
+    )
     assert optimizer.defaults["fused"] is False and optimizer.defaults["betas"] == (0.9, 0.95)
 
 
@@ -203,17 +257,31 @@ def test_06_total_batch_must_divide(s06, shakespeare):
 def test_06_float16_with_grad_scaler_trains(s06, shakespeare):
     """--dtype float16 (older GPUs): autocast to fp16, the loss scaled, gradients unscaled
     before clipping; on CPU too, so the path is tested without a GPU."""
-    cfg = tiny(s06, input=str(shakespeare), steps=6, batch_size=2, seq_len=16, total_batch=64,
-               dtype="float16")  # fmt: skip
+    cfg = tiny(
+        s06,
+        input=str(shakespeare),
+        steps=6,
+        batch_size=2,
+        seq_len=16,
+        total_batch=64,
+        dtype="float16",
+    )
     out = s06.main(cfg)
     assert all(map(math.isfinite, out["losses"])) and out["final_loss"] < out["losses"][0] - 0.5
     assert all(math.isfinite(n) for n in out["norms"])  # unscaled: true norms, not x 65536
     assert max(out["norms"]) < 100
 
 
-@pytest.mark.parametrize("flags, has", [({"avx2", "fma"}, False), ({"avx512_bf16"}, True),
-                                        ({"amx_bf16"}, True), ({"fp", "asimd", "bf16"}, True),
-                                        (set(), None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, has",
+    [
+        ({"avx2", "fma"}, False),
+        ({"avx512_bf16"}, True),
+        ({"amx_bf16"}, True),
+        ({"fp", "asimd", "bf16"}, True),
+        (set(), None),
+    ],
+)
 def test_a_cpu_without_bf16_math_trains_in_float32(monkeypatch, capsys, flags, has):
     """Autocast on a CPU without bf16 instructions emulates bf16 (50-65x slower than fp32 on an
     AVX2 EPYC): --dtype bfloat16 falls back to float32 with one line, 05's bf16 row says why.

@@ -24,8 +24,19 @@ def s07():
 def small(stage, shards, out, **kw):
     """CPU settings small enough for a test: B=4, T=32, 2 micro-steps of 128 tokens."""
     cfg = replace(stage.Config(device="cpu"), **stage.Config.cpu)
-    base = dict(data_dir=str(shards), out=str(out), batch_size=4, seq_len=32, total_batch=256,
-                steps=6, warmup_steps=2, val_every=3, val_steps=2, sample_every=3, ckpt_every=3)  # fmt: skip
+    base = dict(
+        data_dir=str(shards),
+        out=str(out),
+        batch_size=4,
+        seq_len=32,
+        total_batch=256,
+        steps=6,
+        warmup_steps=2,
+        val_every=3,
+        val_steps=2,
+        sample_every=3,
+        ckpt_every=3,
+    )
     return replace(cfg, **{**base, **kw})
 
 
@@ -99,8 +110,19 @@ def test_07_refuses_to_overwrite_and_bad_data(s07, shards, tmp_path):
 
 def test_07_non_finite_loss_stops_and_keeps_good_checkpoint(s07, shards, tmp_path):
     out = tmp_path / "run"
-    cfg = small(s07, shards, out, steps=30, max_lr=1e6, warmup_steps=1, ckpt_every=1,
-                keep_last=0, val_every=0, sample_every=0, dtype="float32")  # fmt: skip
+    cfg = small(
+        s07,
+        shards,
+        out,
+        steps=30,
+        max_lr=1e6,
+        warmup_steps=1,
+        ckpt_every=1,
+        keep_last=0,
+        val_every=0,
+        sample_every=0,
+        dtype="float32",
+    )
     with pytest.raises(UserError, match=r"step \d+: loss \S+, gradient norm \S+: stopped before"):
         s07.main(cfg)
     newest = load_checkpoint(out)
@@ -109,8 +131,9 @@ def test_07_non_finite_loss_stops_and_keeps_good_checkpoint(s07, shards, tmp_pat
 
 def start_07(args, env, out):
     cmd = [sys.executable, "07_ddp_fineweb.py", *args, "--out", str(out)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def run_07(args, env, out, kill_after=None):
@@ -128,10 +151,34 @@ def run_07(args, env, out, kill_after=None):
 def test_07_kill_and_resume_continues_exactly(s07, shards, tmp_path, cache_env):
     """Killed with SIGKILL right after its step-4 checkpoint, then `--resume`: the same lines
     and numbers as a run never interrupted (which runs meanwhile, one thread each)."""
-    args = ["--data-dir", str(shards), "--preset", "tiny", "--device", "cpu", "--batch-size", "4",
-            "--seq-len", "32", "--total-batch", "256", "--steps", "8", "--warmup-steps", "2",
-            "--val-every", "4", "--val-steps", "2", "--sample-every", "0", "--ckpt-every", "4",
-            "--dtype", "float32"]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--total-batch",
+        "256",
+        "--steps",
+        "8",
+        "--warmup-steps",
+        "2",
+        "--val-every",
+        "4",
+        "--val-steps",
+        "2",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "4",
+        "--dtype",
+        "float32",
+    ]
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
     full_run = start_07(args, env, tmp_path / "full")
     rc, _, _ = run_07(args, env, tmp_path / "cut", kill_after="ckpt_000004.pt")
@@ -153,8 +200,17 @@ def test_07_kill_and_resume_continues_exactly(s07, shards, tmp_path, cache_env):
     assert list(losses(resumed, "val")) == [0, 4, 7]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    again = small(s07, shards, tmp_path / "cut", steps=8, val_every=4, ckpt_every=4,
-                  sample_every=0, dtype="float32", resume="latest")  # fmt: skip
+    again = small(
+        s07,
+        shards,
+        tmp_path / "cut",
+        steps=8,
+        val_every=4,
+        ckpt_every=4,
+        sample_every=0,
+        dtype="float32",
+        resume="latest",
+    )
     with pytest.raises(UserError, match="already at step 8"):  # nothing left to do
         s07.main(again)
 
@@ -162,18 +218,59 @@ def test_07_kill_and_resume_continues_exactly(s07, shards, tmp_path, cache_env):
 def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path, cache_env):
     """2 processes x 1 micro-step == 1 process x 2 micro-steps, over several steps, with the
     shuffled order (07's default); and the same val loss: one fixed set of val windows."""
-    common_args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
-                   "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch",
-                   "256", "--steps", "4", "--val-every", "2", "--sample-every", "0",
-                   "--dtype", "float32", "--hellaswag-every", "3", "--hellaswag-data",
-                   str(HELLASWAG)]  # fmt: skip
+    common_args = [
+        "07_ddp_fineweb.py",
+        "--data-dir",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--total-batch",
+        "256",
+        "--steps",
+        "4",
+        "--val-every",
+        "2",
+        "--sample-every",
+        "0",
+        "--dtype",
+        "float32",
+        "--hellaswag-every",
+        "3",
+        "--hellaswag-data",
+        str(HELLASWAG),
+    ]
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
-    one = subprocess.Popen([sys.executable, *common_args, "--out", str(tmp_path / "one")],
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)  # fmt: skip
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", *common_args, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    one = subprocess.Popen(
+        [sys.executable, *common_args, "--out", str(tmp_path / "one")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *common_args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     one_out, one_err = one.communicate(timeout=300)  # ran meanwhile
     assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
@@ -183,8 +280,10 @@ def test_07_torchrun_two_processes_match_one_with_accumulation(shards, tmp_path,
     b = [r["loss"] for r in read_metrics(tmp_path / "two") if r["split"] == "train"]
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, abs=1e-5)
-    va, vb = ({r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "val"}
-              for run in ("one", "two"))  # fmt: skip
+    va, vb = (
+        {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "val"}
+        for run in ("one", "two")
+    )
     assert list(va) == [0, 2, 3] and va == pytest.approx(vb, abs=1e-5)  # step 0: same weights
     # HellaSwag split across 2 ranks and all-reduced: the same counts as one process
     ha = [
@@ -208,14 +307,35 @@ def test_07_second_writer_into_the_same_out_is_refused(s07, shards, tmp_path, ca
     refused at once, naming A's pid, and A's files are untouched; nor is A's --out resumed;
     after A is killed the directory is free again."""
     out = tmp_path / "run"
-    args = [sys.executable, "07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny",
-            "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--total-batch", "128",
-            "--steps", "100000", "--val-every", "0", "--sample-every", "0", "--ckpt-every", "0",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        sys.executable,
+        "07_ddp_fineweb.py",
+        "--data-dir",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--total-batch",
+        "128",
+        "--steps",
+        "100000",
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "0",
+        "--out",
+        str(out),
+    ]
     env = {**cache_env, "OMP_NUM_THREADS": "1"}  # A leaves B a core
     a = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    b = small(s07, shards, out, total_batch=128, steps=2, val_every=0, sample_every=0,
-              ckpt_every=0)  # fmt: skip
+    b = small(s07, shards, out, total_batch=128, steps=2, val_every=0, sample_every=0, ckpt_every=0)
     try:
         for line in a.stdout:  # A is training
             if line.startswith("step"):
@@ -239,8 +359,19 @@ def test_07_nan_gradient_stops_before_the_update_and_keeps_the_good_checkpoint(
     step is refused before optimizer.step(); no checkpoint holds nan; --keep-last 1 never
     pruned the last good one; the error names it."""
     out = tmp_path / "run"
-    cfg = small(s07, shards, out, steps=40, max_lr=1e4, warmup_steps=1, ckpt_every=1,
-                keep_last=1, val_every=0, sample_every=0, dtype="float32")  # fmt: skip
+    cfg = small(
+        s07,
+        shards,
+        out,
+        steps=40,
+        max_lr=1e4,
+        warmup_steps=1,
+        ckpt_every=1,
+        keep_last=1,
+        val_every=0,
+        sample_every=0,
+        dtype="float32",
+    )
     with pytest.raises(UserError) as e:
         s07.main(cfg)
     found = list_checkpoints(out)
@@ -262,8 +393,20 @@ def test_07_resume_with_other_settings_is_refused_unless_allowed(s07, shards, tm
     ):
         with pytest.raises(UserError, match=re.escape(flag) + ".*--allow-config-change"):
             s07.main(small(s07, shards, out, resume="latest", **change))
-    res = s07.main(small(s07, shards, out, steps=8, total_batch=512, resume="latest",
-                         allow_config_change=True, ckpt_every=2, val_every=0, sample_every=0))  # fmt: skip
+    res = s07.main(
+        small(
+            s07,
+            shards,
+            out,
+            steps=8,
+            total_batch=512,
+            resume="latest",
+            allow_config_change=True,
+            ckpt_every=2,
+            val_every=0,
+            sample_every=0,
+        )
+    )
     assert sorted(res["losses"]) == [4, 5, 6, 7]
     rows = read_metrics(out)
     changes = [r for r in rows if r["split"] == "config_change"]
@@ -282,13 +425,25 @@ def test_07_removes_stale_temp_files_of_a_killed_save(s07, shards, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     keep = out / "notes.txt"
     keep.write_text("mine")
-    s07.main(small(s07, shards, out, steps=4, resume="latest", allow_config_change=True,
-                   ckpt_every=2, val_every=0, sample_every=0))  # fmt: skip
+    s07.main(
+        small(
+            s07,
+            shards,
+            out,
+            steps=4,
+            resume="latest",
+            allow_config_change=True,
+            ckpt_every=2,
+            val_every=0,
+            sample_every=0,
+        )
+    )
     assert not stale.exists() and keep.read_text() == "mine"
 
 
-def test_07_records_the_run_shows_eta_and_mirrors_metrics_to_a_tracker(s07, shards, tmp_path,
-                                                                        monkeypatch, capsys):  # fmt: skip
+def test_07_records_the_run_shows_eta_and_mirrors_metrics_to_a_tracker(
+    s07, shards, tmp_path, monkeypatch, capsys
+):
     from common import run as run_module
     from common.metrics import read_run_header
 

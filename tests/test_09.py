@@ -167,8 +167,13 @@ def test_muon_orthogonalizes_q_k_v_one_by_one(s09):
     here, 10x smaller) gets a step ~7x smaller than the others: their directions set it."""
     g = torch.Generator().manual_seed(3)
     n = 32
-    grad = torch.cat([torch.randn(n, n, generator=g), torch.randn(n, n, generator=g),
-                      0.1 * torch.randn(n, n, generator=g)])  # fmt: skip
+    grad = torch.cat(
+        [
+            torch.randn(n, n, generator=g),
+            torch.randn(n, n, generator=g),
+            0.1 * torch.randn(n, n, generator=g),
+        ]
+    )
     steps = {}
     for parts in (3, 1):
         w = torch.nn.Parameter(torch.zeros(3 * n, n))
@@ -207,22 +212,39 @@ def test_rows_join_with_plus_and_dtype_reaches_the_harness(s09, monkeypatch):
     joined = "rope+rmsnorm+qk_norm+swiglu+nobias+muon"
     assert ablation.parse_rows(joined, s09.ROWS)[joined] == s09.ROWS["all"]
     seen = {}
-    monkeypatch.setattr(ablation, "run_ablation", lambda cfg, rows, build, device, dtype:
-                        seen.update(rows=rows, dtype=dtype))  # fmt: skip
+    monkeypatch.setattr(
+        ablation,
+        "run_ablation",
+        lambda cfg, rows, build, device, dtype: seen.update(rows=rows, dtype=dtype),
+    )
     monkeypatch.setattr(common.device, "cpu_info", lambda: ("a CPU", {"avx512_bf16"}))  # bf16 math
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         s09.main(s09.Config(device="cpu", rows="baseline,rope+relu2", dtype=name))
-        assert seen == dict(rows={"baseline": {}, "rope+relu2": dict(rope=True, mlp="relu2")},
-                            dtype=dtype)  # fmt: skip
+        assert seen == dict(
+            rows={"baseline": {}, "rope+relu2": dict(rope=True, mlp="relu2")}, dtype=dtype
+        )
     assert s09.Config.cpu["dtype"] == "float32" and s09.Config().dtype == "bfloat16"
 
 
 def test_every_row_trains_and_the_table_says_it_is_noise(s09, shakespeare, micro, tmp_path, capsys):
     """Every switch alone and all together: 10 steps of 64 tokens each, the loss falls.
     (At this size the higher learning rates make the falls clear; no ranking is checked.)"""
-    cfg = tiny(s09, preset=micro, input=str(shakespeare), batch_size=2, seq_len=32,
-               total_batch=64, steps=10, warmup_steps=2, max_lr=1e-2, muon_lr=0.05, seeds=1,
-               rows=",".join(s09.ROWS), val_steps=2, out=str(tmp_path))  # fmt: skip
+    cfg = tiny(
+        s09,
+        preset=micro,
+        input=str(shakespeare),
+        batch_size=2,
+        seq_len=32,
+        total_batch=64,
+        steps=10,
+        warmup_steps=2,
+        max_lr=1e-2,
+        muon_lr=0.05,
+        seeds=1,
+        rows=",".join(s09.ROWS),
+        val_steps=2,
+        out=str(tmp_path),
+    )
     out = s09.main(cfg)
     assert [r["name"] for r in out["rows"]] == list(s09.ROWS)
     for name, (run,) in out["runs"].items():

@@ -14,8 +14,16 @@ from common import UserError, ablation
 from common.model import GPT, GPTConfig
 from common.train import make_optimizer
 
-SMALL = dict(block_size=32, vocab_size=97, n_layer=1, n_head=2, n_embd=16, tie_weights=True,
-             gpt2_init=True, attn="sdpa")  # fmt: skip
+SMALL = dict(
+    block_size=32,
+    vocab_size=97,
+    n_layer=1,
+    n_head=2,
+    n_embd=16,
+    tie_weights=True,
+    gpt2_init=True,
+    attn="sdpa",
+)
 
 
 @pytest.fixture
@@ -27,9 +35,18 @@ def shards(tmp_path):
 
 
 def cfg_for(shards, **kw):
-    base = ablation.Config(device="cpu", data_dir=str(shards), batch_size=2, seq_len=16, steps=3,
-                           max_lr=1e-2, warmup_steps=1, seeds=2, val_steps=2,
-                           out=str(shards / "out"))  # fmt: skip
+    base = ablation.Config(
+        device="cpu",
+        data_dir=str(shards),
+        batch_size=2,
+        seq_len=16,
+        steps=3,
+        max_lr=1e-2,
+        warmup_steps=1,
+        seeds=2,
+        val_steps=2,
+        out=str(shards / "out"),
+    )
     return replace(base, **kw)
 
 
@@ -64,8 +81,10 @@ def test_runs_are_paired_by_seed_and_the_table_says_so(shards, capsys):
     assert [r["seed"] for r in out["runs"]["faster"]] == [cfg.seed, cfg.seed + 1]
     assert same["delta"] == 0.0 and same["delta_spread"] == 0.0
     assert out["runs"]["same"][1]["losses"] == out["runs"]["baseline"][1]["losses"]
-    deltas = [f["val_loss"] - b["val_loss"] for f, b in zip(out["runs"]["faster"],
-                                                            out["runs"]["baseline"])]  # fmt: skip
+    deltas = [
+        f["val_loss"] - b["val_loss"]
+        for f, b in zip(out["runs"]["faster"], out["runs"]["baseline"])
+    ]
     assert faster["delta"] == pytest.approx(sum(deltas) / 2) and faster["delta"] != 0
     assert faster["delta_spread"] == pytest.approx(abs(deltas[0] - deltas[1]) / math.sqrt(2))
     assert base["val_spread"] > 0  # another seed, another init: another loss
@@ -104,8 +123,10 @@ def test_summaries_and_noise_lines():
     one = ablation.summarize("x", runs(2.9), runs(3.0))
     assert one["delta"] == pytest.approx(-0.1) and one["delta_spread"] is None
     text = ablation.noise_notice([base, row], 2, "cuda", 100, "gpt2")
-    assert text == ("noise: the largest seed spread here is 0.1414; a difference smaller than "
-                    "about twice that (0.2828) is noise, not an effect of the change")  # fmt: skip
+    assert text == (
+        "noise: the largest seed spread here is 0.1414; a difference smaller than "
+        "about twice that (0.2828) is noise, not an effect of the change"
+    )
     assert ablation.noise_notice([one], 1, "cuda", 100, "gpt2").startswith("noise: one seed")
     assert "CPU scale (100 tokens per run, preset tiny)" in ablation.noise_notice(
         [base, row], 2, "cpu", 100, "tiny"
@@ -119,7 +140,9 @@ def test_summaries_and_noise_lines():
 def test_parse_rows():
     known = dict(baseline={}, rope=dict(rope=True), swiglu=dict(mlp="swiglu"))
     assert ablation.parse_rows(" baseline, rope+swiglu ,", known) == {
-        "baseline": {}, "rope+swiglu": dict(rope=True, mlp="swiglu")}  # fmt: skip
+        "baseline": {},
+        "rope+swiglu": dict(rope=True, mlp="swiglu"),
+    }
     with pytest.raises(UserError, match=r"unknown row 'turbo': choose from baseline, rope, swi"):
         ablation.parse_rows("baseline,rope+turbo", known)
     with pytest.raises(UserError, match="--rows names no row"):

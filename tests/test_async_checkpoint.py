@@ -18,9 +18,14 @@ import torch
 from conftest import ROOT
 
 from common.checkpoint import (
-    TMP_RE, checkpoint_state, content_hash, list_checkpoints, load_checkpoint, snapshot,
+    TMP_RE,
+    checkpoint_state,
+    content_hash,
+    list_checkpoints,
+    load_checkpoint,
+    snapshot,
     verify_checkpoint,
-)  # fmt: skip
+)
 from common.model import GPT, GPTConfig
 
 SMALL = GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16, tie_weights=True)
@@ -28,10 +33,36 @@ SMALL = GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16,
 
 def args_07(shards, out, *more):
     """07 at its smallest: 6 steps of 2 x 16 tokens in float32, a checkpoint every 2."""
-    return ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny", "--device", "cpu",
-            "--batch-size", "2", "--seq-len", "16", "--total-batch", "32", "--steps", "6",
-            "--warmup-steps", "2", "--val-every", "0", "--sample-every", "0", "--ckpt-every", "2",
-            "--dtype", "float32", "--out", str(out), *more]  # fmt: skip
+    return [
+        "07_ddp_fineweb.py",
+        "--data-dir",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--total-batch",
+        "32",
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "2",
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        *more,
+    ]
 
 
 @pytest.fixture
@@ -76,8 +107,14 @@ def test_kill_during_the_background_write_keeps_earlier_checkpoints_and_resumes(
     is killed with SIGKILL. --resume auto removes the temp file and goes on from step 2."""
     out = tmp_path / "run"
     held = {**env, "GPT_FROM_SCRATCH_TEST_SAVE": "hold:ckpt_000004.pt"}
-    p = subprocess.Popen([sys.executable, *args_07(shards, out)], cwd=ROOT, env=held,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, *args_07(shards, out)],
+        cwd=ROOT,
+        env=held,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines, holding = [], False
     for line in p.stdout:
         lines.append(line)
@@ -98,16 +135,25 @@ def test_kill_during_the_background_write_keeps_earlier_checkpoints_and_resumes(
     killed = {r["step"]: r["loss"] for r in rows(out, "train")}
     assert sorted(killed)[:5] == list(range(5))  # step 5's line may be printed, not yet logged
 
-    r = subprocess.run([sys.executable, *args_07(shards, out, "--resume", "auto")], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, *args_07(shards, out, "--resume", "auto")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "removed 1 unfinished checkpoint temp file(s)" in r.stdout
     assert "resumed from step 2" in r.stdout and not temps(out)
     resumed = {r["step"]: r["loss"] for r in rows(out, "train")}
     assert sorted(resumed) == list(range(6))
     assert {s: resumed[s] for s in killed} == pytest.approx(killed, abs=1e-6)  # the same numbers
-    assert [c.name for c in list_checkpoints(out)] == ["ckpt_000002.pt", "ckpt_000004.pt",
-                                                       "ckpt_000006.pt"]  # fmt: skip
+    assert [c.name for c in list_checkpoints(out)] == [
+        "ckpt_000002.pt",
+        "ckpt_000004.pt",
+        "ckpt_000006.pt",
+    ]
     assert load_checkpoint(out)["step"] == 6  # verified
     final = rows(out, "checkpoint")[-1]  # the last save waited for its write
     assert final["step"] == 6 and final["stall_s"] >= final["write_s"] > 0
@@ -124,14 +170,21 @@ def failed_run_checks(out):
 
 def test_an_error_in_the_background_write_stops_with_one_line(shards, env, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, *args_07(shards, out)], cwd=ROOT, capture_output=True,
-                       env={**env, "GPT_FROM_SCRATCH_TEST_SAVE": "fail:ckpt_000004.pt"},
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, *args_07(shards, out)],
+        cwd=ROOT,
+        capture_output=True,
+        env={**env, "GPT_FROM_SCRATCH_TEST_SAVE": "fail:ckpt_000004.pt"},
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1, r.stderr  # no traceback
-    assert err[0].startswith(f"error: could not write {out / 'ckpt_000004.pt'} (Input/output "
-                             "error): a checkpoint needs about ")  # fmt: skip
+    assert err[0].startswith(
+        f"error: could not write {out / 'ckpt_000004.pt'} (Input/output "
+        "error): a checkpoint needs about "
+    )
     assert "earlier checkpoints are intact" in err[0] and "--resume auto" in err[0]
     failed_run_checks(out)
     assert "summary:" not in r.stdout and f"saved {out / 'ckpt_000002.pt'}" in r.stdout
@@ -141,10 +194,21 @@ def test_an_error_in_the_background_write_stops_every_rank(shards, env, tmp_path
     """Two processes: rank 0's thread fails; both ranks agree (on preempted()'s all-reduce,
     or the next save's) and stop, rank 1 quietly; nothing hangs, nothing is lost."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", *args_07(shards, out, "--total-batch", "64")],
-                       cwd=ROOT, env={**env, "GPT_FROM_SCRATCH_TEST_SAVE": "fail:ckpt_000004.pt"},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *args_07(shards, out, "--total-batch", "64"),
+        ],
+        cwd=ROOT,
+        env={**env, "GPT_FROM_SCRATCH_TEST_SAVE": "fail:ckpt_000004.pt"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "summary:" not in r.stdout
     assert r.stderr.count("error: could not write") <= 1  # rank 0's line, never rank 1's
     failed_run_checks(out)

@@ -62,8 +62,10 @@ def test_missing_tokenizer_files_give_a_notice(tmp_path, monkeypatch, capsys):
     assert len(note) == 1 and note[0].startswith("note: no tokenizer files written")
     assert "save_pretrained" in note[0]
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"
-    ]  # fmt: skip
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 def test_export_cli_on_a_checkpoint(tmp_path, cache_env):
@@ -72,8 +74,9 @@ def test_export_cli_on_a_checkpoint(tmp_path, cache_env):
     model = random_model()
     save_checkpoint(tmp_path / "run", 7, model, model.config)
     out = tmp_path / "hf"
-    r = run_script(["-m", "common.export", "--ckpt", str(tmp_path / "run"), "--out", str(out)],
-                   env=cache_env)  # fmt: skip
+    r = run_script(
+        ["-m", "common.export", "--ckpt", str(tmp_path / "run"), "--out", str(out)], env=cache_env
+    )
     assert r.returncode == 0, r.stderr
     assert f"exported step 7 ({model.num_params():,} parameters" in r.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json"} <= {

@@ -27,9 +27,15 @@ from conftest import ROOT, load_stage, run_script
 
 from common import UserError, checkpoint
 from common.checkpoint import (
-    content_hash, list_checkpoints, load_checkpoint, model_from_checkpoint, rng_state,
-    save_checkpoint, set_rng_state, verify_checkpoint,
-)  # fmt: skip
+    content_hash,
+    list_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    verify_checkpoint,
+)
 from common.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads workers from /proc")
@@ -40,10 +46,38 @@ STEPS = 10
 def args_07(shards, out, *more):
     """07 at its smallest: the tiny model, 2 x 16 tokens per rank, 10 steps in float32,
     a checkpoint every 4 steps, validation every 4 (val losses must match too)."""
-    return ["07_ddp_fineweb.py", "--data-dir", str(shards), "--preset", "tiny", "--device", "cpu",
-            "--batch-size", "2", "--seq-len", "16", "--total-batch", "64", "--steps", str(STEPS),
-            "--warmup-steps", "2", "--val-every", "4", "--val-steps", "1", "--sample-every", "0",
-            "--ckpt-every", "4", "--dtype", "float32", "--out", str(out), *more]  # fmt: skip
+    return [
+        "07_ddp_fineweb.py",
+        "--data-dir",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--total-batch",
+        "64",
+        "--steps",
+        str(STEPS),
+        "--warmup-steps",
+        "2",
+        "--val-every",
+        "4",
+        "--val-steps",
+        "1",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "4",
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        *more,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +115,15 @@ def metrics(out, splits=("train", "val")):
 
 def same_weights(a, b):
     a, b = load_checkpoint(a), load_checkpoint(b)
-    moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(),
-                                                           b["optimizer"]["state"].values())]  # fmt: skip
-    return a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and all(torch.equal(x, y) for x, y in moments)  # fmt: skip
+    moments = [
+        (x["exp_avg"], y["exp_avg"])
+        for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+    ]
+    return (
+        a["step"] == b["step"]
+        and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        and all(torch.equal(x, y) for x, y in moments)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +132,27 @@ def reference(shards, env, tmp_path_factory):
     sharing one --out), never interrupted: (out, node 0's output, node 1's, worker pids)."""
     out = tmp_path_factory.mktemp("two_nodes") / "run"
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                               "--nproc_per_node=1", f"--node_rank={r}", "--master_addr=127.0.0.1",
-                               f"--master_port={port}", *args_07(shards, out)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={r}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *args_07(shards, out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     lines, pids = [], {}
     for line in nodes[0].stdout:
         lines.append(line)
@@ -113,8 +169,12 @@ def test_two_nodes_on_one_host_have_one_writer(reference):
     lock = json.loads((out / ".lock").read_text())
     assert lock["pid"] == pids[0][0]  # rank 0 (node 0's worker) holds the one lock
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock", "ckpt_000004.pt", "ckpt_000008.pt", "ckpt_000010.pt", "metrics.jsonl"
-    ]  # fmt: skip
+        ".lock",
+        "ckpt_000004.pt",
+        "ckpt_000008.pt",
+        "ckpt_000010.pt",
+        "metrics.jsonl",
+    ]
     assert "2 processes x 1 micro-steps" in node0 and node0.count("summary:") == 1
     assert "step " not in node1 and "saved" not in node1  # node 1 trains, writes and says nothing
     train = [s for s, split, _ in metrics(out) if split == "train"]
@@ -124,10 +184,24 @@ def test_two_nodes_on_one_host_have_one_writer(reference):
 def torchrun_07(shards, out, env, restarts, act, limit=300):
     """`torchrun --max-restarts=N 07 ...` (no --resume); `act(line, workers)` sees each line
     of rank 0's output with the current {RANK: pid}. Returns (exit code, output)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", *args_07(shards, out)]  # fmt: skip
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={restarts}",
+        *args_07(shards, out),
+    ]
+    p = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     watchdog = threading.Timer(limit, os.killpg, (p.pid, signal.SIGKILL))  # a hang fails
     watchdog.start()
     lines = []
@@ -159,9 +233,21 @@ def test_sigterm_to_one_rank_stops_all_after_one_step_and_a_rerun_continues_exac
     assert 6 <= stop < 8  # the step after the signal, on rank 0 too
     assert [c.name for c in list_checkpoints(out)] == ["ckpt_000004.pt", f"ckpt_{stop:06d}.pt"]
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", *args_07(shards, out, "--resume", "auto")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *args_07(shards, out, "--resume", "auto"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert f"resumed from step {stop}" in r.stdout
     assert metrics(out) == metrics(reference[0])  # one line per step, the very same numbers
@@ -192,9 +278,20 @@ def test_dead_worker_is_restarted_and_resumes_by_itself(shards, env, tmp_path, r
 def small_07(s07, shards, out, **kw):
     """07 in this process, one rank: 3 steps of 32 tokens, one checkpoint at the end."""
     cfg = dataclasses.replace(s07.Config(device="cpu"), **s07.Config.cpu)
-    small = dict(data_dir=str(shards), out=str(out), batch_size=2, seq_len=16, total_batch=32,
-                 steps=3, warmup_steps=2, val_every=2, val_steps=1, sample_every=0, ckpt_every=0,
-                 dtype="float32")  # fmt: skip
+    small = dict(
+        data_dir=str(shards),
+        out=str(out),
+        batch_size=2,
+        seq_len=16,
+        total_batch=32,
+        steps=3,
+        warmup_steps=2,
+        val_every=2,
+        val_steps=1,
+        sample_every=0,
+        ckpt_every=0,
+        dtype="float32",
+    )
     return dataclasses.replace(cfg, **{**small, **kw})
 
 
@@ -267,22 +364,42 @@ def test_a_real_full_disk_loses_nothing(shards, tmp_path, cache_env):
     does not. The real write fails with ENOSPC (torch.save wraps it in a RuntimeError)."""
     if not shutil.which("unshare"):
         pytest.skip("no unshare(1) to make a private mount namespace")
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"],
-                           capture_output=True, text=True)  # fmt: skip
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode:
         pytest.skip(f"mounting a tmpfs is not allowed here: {probe.stderr.strip()}")
     mnt, copy = tmp_path / "mnt", tmp_path / "copy"
     mnt.mkdir(), copy.mkdir()
-    run = [sys.executable, *args_07(shards, mnt / "run"), "--steps", "2", "--ckpt-every", "1",
-           "--total-batch", "32", "--val-every", "0"]  # fmt: skip
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", MOUNT, "sh", mnt, *run], cwd=ROOT,
-                       env={**cache_env, "MNT": str(mnt), "COPY": str(copy)},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = [
+        sys.executable,
+        *args_07(shards, mnt / "run"),
+        "--steps",
+        "2",
+        "--ckpt-every",
+        "1",
+        "--total-batch",
+        "32",
+        "--val-every",
+        "0",
+    ]
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", MOUNT, "sh", mnt, *run],
+        cwd=ROOT,
+        env={**cache_env, "MNT": str(mnt), "COPY": str(copy)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     err = (copy / "err").read_text().strip().splitlines()
     assert (copy / "rc").read_text().strip() == "1" and len(err) == 1, err  # no traceback
-    assert err[0].startswith(f"error: could not write {mnt / 'run/ckpt_000001.pt'} (No space "
-                             "left on device): a checkpoint needs about 83.")  # fmt: skip
+    assert err[0].startswith(
+        f"error: could not write {mnt / 'run/ckpt_000001.pt'} (No space "
+        "left on device): a checkpoint needs about 83."
+    )
     assert sorted(os.listdir(copy / "run")) == [".lock", "metrics.jsonl"]  # no temp file
     assert [s for s, split, _ in metrics(copy / "run", ("train",))] == [0]
 
@@ -325,20 +442,29 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tmp_path, s
     bad = tmp_path / "run" / "ckpt_000001.pt"
     bad.parent.mkdir()
     model = GPT(SMALL)
-    state = dict(step=1, model=model.state_dict(), model_config=dataclasses.asdict(SMALL),
-                 rng=dict(x=Payload(str(marker))))  # fmt: skip
+    state = dict(
+        step=1,
+        model=model.state_dict(),
+        model_config=dataclasses.asdict(SMALL),
+        rng=dict(x=Payload(str(marker))),
+    )
     torch.save(state, bad)
     want = (
         f"checkpoint {bad} is not a plain checkpoint: it needs posix.mkdir, which only unpickling"
     )
     s08 = load_stage("08_hellaswag")
     loaders = [
-        lambda: load_checkpoint(bad), lambda: load_checkpoint(bad.parent),
+        lambda: load_checkpoint(bad),
+        lambda: load_checkpoint(bad.parent),
         lambda: model_from_checkpoint(bad),
         lambda: sample.main(sample.Config(ckpt=str(bad), device="cpu")),
         lambda: export.main(export.Config(ckpt=str(bad.parent), out=str(tmp_path / "hf"))),
-        lambda: s08.main(s08.Config(ckpt=str(bad), device="cpu", data=str(ROOT / "tests/data/hellaswag_fixture.jsonl"))),
-    ]  # fmt: skip
+        lambda: s08.main(
+            s08.Config(
+                ckpt=str(bad), device="cpu", data=str(ROOT / "tests/data/hellaswag_fixture.jsonl")
+            )
+        ),
+    ]
     for load in loaders:
         with pytest.raises(UserError, match="^" + want):
             load()
@@ -357,8 +483,13 @@ def test_the_earlier_format_is_refused_until_adopted(tmp_path):
     model = GPT(SMALL)
     old = tmp_path / "ckpt_000003.pt"
     np.random.seed(7)
-    state = dict(step=3, model=model.state_dict(), model_config=dataclasses.asdict(SMALL),
-                 rng=old_format_rng(), loader=dict(shard=1, pos=64))  # fmt: skip
+    state = dict(
+        step=3,
+        model=model.state_dict(),
+        model_config=dataclasses.asdict(SMALL),
+        rng=old_format_rng(),
+        loader=dict(shard=1, pos=64),
+    )
     state["sha256"] = content_hash(state)
     torch.save(state, old)
     with pytest.raises(UserError) as e:
@@ -379,9 +510,19 @@ def test_the_earlier_format_is_refused_until_adopted(tmp_path):
 
 def test_rng_and_any_plain_loader_state_round_trip_with_the_safe_loader(tmp_path):
     model = GPT(SMALL)
-    loader = dict(shard=2, pos=4096, file="edufineweb_train_000002.npy", epoch=1, seed=1337,
-                  order=[3, 1, 2], window=(0, 64), done=False, frac=0.5, note=None,
-                  perm=torch.arange(5))  # what a shuffled loader may add  # fmt: skip
+    loader = dict(
+        shard=2,
+        pos=4096,
+        file="edufineweb_train_000002.npy",
+        epoch=1,
+        seed=1337,
+        order=[3, 1, 2],
+        window=(0, 64),
+        done=False,
+        frac=0.5,
+        note=None,
+        perm=torch.arange(5),
+    )  # what a shuffled loader may add
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = save_checkpoint(tmp_path, 1, model, SMALL, loader=loader, rng=rng_state())
     draws = (random.random(), np.random.rand(), torch.rand(1))

@@ -254,8 +254,9 @@ def test_cli_help_run_and_error(reference, sources, tmp_path, cache_env):
 
     out = tmp_path / "shards"
     args = ["--data-files", str(sources / "docs.jsonl"), "--out-dir", str(out)]
-    run = run_script(["-m", "common.fineweb", *args, "--shard-size", "5000", "--workers", "2"],
-                     env=cache_env)  # fmt: skip
+    run = run_script(
+        ["-m", "common.fineweb", *args, "--shard-size", "5000", "--workers", "2"], env=cache_env
+    )
     assert run.returncode == 0, run.stderr
     tokens = reference[1]["tokens"]
     n = -(-tokens // 5000)
@@ -265,8 +266,9 @@ def test_cli_help_run_and_error(reference, sources, tmp_path, cache_env):
     assert sorted(names) == [f"edufineweb_train_{i:06d}.npy" for i in range(1, n)]
     assert (out / "edufineweb_progress.json").is_file()
 
-    bad = run_script(["-m", "common.fineweb", "--data-files", str(tmp_path / "nope.parquet")],
-                     env=cache_env)  # fmt: skip
+    bad = run_script(
+        ["-m", "common.fineweb", "--data-files", str(tmp_path / "nope.parquet")], env=cache_env
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --data-files: no file at")
 

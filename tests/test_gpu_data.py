@@ -32,12 +32,14 @@ def test_writes_the_text_and_shards_that_start_with_it(gpu_data, tmp_path):
 
 
 def test_refuses_what_cannot_work(gpu_data, tmp_path, monkeypatch):
-    cfg = gpu_data.Config(out=str(tmp_path / "a"), text=str(SHAKESPEARE), max_tokens=10_000,
-                          shard_size=20_000)  # fmt: skip
+    cfg = gpu_data.Config(
+        out=str(tmp_path / "a"), text=str(SHAKESPEARE), max_tokens=10_000, shard_size=20_000
+    )
     with pytest.raises(UserError, match="no training shard would remain"):
         gpu_data.main(cfg)
     monkeypatch.setattr(gpu_data, "CARRY_LIMIT", 50_000)
-    cfg = gpu_data.Config(out=str(tmp_path / "b"), text=str(SHAKESPEARE), max_tokens=60_000,
-                          shard_size=20_000)  # fmt: skip
+    cfg = gpu_data.Config(
+        out=str(tmp_path / "b"), text=str(SHAKESPEARE), max_tokens=60_000, shard_size=20_000
+    )
     with pytest.raises(UserError, match="more than the 64 MiB"):
         gpu_data.main(cfg)

@@ -79,23 +79,56 @@ def by_hand(examples, hf_model):
 # after cleaning, a context that ends in a space after cleaning, a ctx_b to capitalize, three
 # spaces (one pass of "  " -> " " leaves two), an empty ctx_b
 ARTIFACTS = [
-    dict(ind=900, activity_label="Home and Garden", ctx_a="[header] How to plant tulip bulbs "
-         "[title] Choose a sunny spot. [step] Tulips need at least six hours of sun a day.",
-         ctx_b="", split="val", split_type="zeroshot", label=0, source_id="wikihow~test_900",
-         endings=["[substeps] Dig a hole about  eight inches deep. [title] Water the bulbs.",
-                  "Paint the bulbs [blue] before planting them.",
-                  "You can eat the bulbs raw [step] with salt.", "  Plant them in the freezer.  "]),
-    dict(ind=901, activity_label="Food and Entertaining", ctx_a="[header] How to make lemonade "
-         "[title] Squeeze the lemons.", ctx_b="add sugar [title]", split="val",
-         split_type="indomain", label=3, source_id="wikihow~test_901",
-         endings=["Pour it on the lawn.", "[title] Freeze the sugar.", "Sell the lemons.",
-                  "Stir until the sugar dissolves [step] and serve cold."]),
-    dict(ind=902, activity_label="Playing lacrosse", ctx_a="Two teams run across a field.",
-         ctx_b="the Player in RED catches the ball", split="val", split_type="indomain",
-         label=1, source_id="activitynet~v_test_902",
-         endings=["and   eats it.", "and   runs toward the goal.", "and flies away.",
-                  "and [sits] falls asleep."]),
-]  # fmt: skip
+    dict(
+        ind=900,
+        activity_label="Home and Garden",
+        ctx_a="[header] How to plant tulip bulbs "
+        "[title] Choose a sunny spot. [step] Tulips need at least six hours of sun a day.",
+        ctx_b="",
+        split="val",
+        split_type="zeroshot",
+        label=0,
+        source_id="wikihow~test_900",
+        endings=[
+            "[substeps] Dig a hole about  eight inches deep. [title] Water the bulbs.",
+            "Paint the bulbs [blue] before planting them.",
+            "You can eat the bulbs raw [step] with salt.",
+            "  Plant them in the freezer.  ",
+        ],
+    ),
+    dict(
+        ind=901,
+        activity_label="Food and Entertaining",
+        ctx_a="[header] How to make lemonade [title] Squeeze the lemons.",
+        ctx_b="add sugar [title]",
+        split="val",
+        split_type="indomain",
+        label=3,
+        source_id="wikihow~test_901",
+        endings=[
+            "Pour it on the lawn.",
+            "[title] Freeze the sugar.",
+            "Sell the lemons.",
+            "Stir until the sugar dissolves [step] and serve cold.",
+        ],
+    ),
+    dict(
+        ind=902,
+        activity_label="Playing lacrosse",
+        ctx_a="Two teams run across a field.",
+        ctx_b="the Player in RED catches the ball",
+        split="val",
+        split_type="indomain",
+        label=1,
+        source_id="activitynet~v_test_902",
+        endings=[
+            "and   eats it.",
+            "and   runs toward the goal.",
+            "and flies away.",
+            "and [sits] falls asleep.",
+        ],
+    ),
+]
 for _ex in ARTIFACTS:
     _ex["ctx"] = (_ex["ctx_a"] + " " + _ex["ctx_b"]).strip()
 
@@ -235,8 +268,10 @@ def test_batch_size_changes_nothing(hf_tiny_dir, examples):
     for res in (many, some):
         assert (res["pred"], res["pred_norm"]) == (one["pred"], one["pred_norm"])
         assert (res["correct"], res["correct_norm"], res["n"]) == (
-            one["correct"], one["correct_norm"], one["n"],
-        )  # fmt: skip
+            one["correct"],
+            one["correct_norm"],
+            one["n"],
+        )
         torch.testing.assert_close(res["loss_sum"], one["loss_sum"], atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(res["loss_avg"], one["loss_avg"], atol=1e-6, rtol=1e-6)
 
@@ -256,8 +291,11 @@ def test_acc_and_acc_norm_are_computed_as_defined():
     """A stub model: every token costs ln(Z), except the long ending's tokens, boosted by b.
     The short ending has the lowest sum (acc's pick), the long one the lowest mean (acc_norm's)."""
     enc = get_tokenizer()
-    ex = dict(ctx="The cat", endings=["one", "red green blue", "four five", "six seven eight nine"],
-              label=1)  # fmt: skip
+    ex = dict(
+        ctx="The cat",
+        endings=["one", "red green blue", "four five", "six seven eight nine"],
+        label=1,
+    )
     ends = [enc.encode(" " + e) for e in ex["endings"]]
     assert [len(e) for e in ends] == [1, 3, 2, 4]
     boosted, b, V = ends[1], 3.0, 50257
@@ -380,8 +418,17 @@ def test_lm_eval_itself_agrees(tmp_path, monkeypatch):
     data = tmp_path / "hellaswag_val.jsonl"
     data.write_text("".join(json.dumps(ex) + "\n" for ex in exs))
     torch.manual_seed(0)  # our GPT, padded vocab, exported as `python -m common.export` does
-    model = GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
-                          tie_weights=True, gpt2_init=True))  # fmt: skip
+    model = GPT(
+        GPTConfig(
+            block_size=128,
+            vocab_size=50304,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            tie_weights=True,
+            gpt2_init=True,
+        )
+    )
     # 30 steps on Shakespeare first: a random model picks the shortest ending every time
     tokens = torch.tensor(get_tokenizer().encode_ordinary(SHAKESPEARE.read_text()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -401,10 +448,14 @@ def test_lm_eval_itself_agrees(tmp_path, monkeypatch):
         f"dataset_kwargs:\n  data_files:\n    validation: {data}\ntraining_split: null\n"
     )
     got = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tmp_path / 'model'},dtype=float32", device="cpu",
-        tasks=["hellaswag_local"], batch_size=8, log_samples=True,
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'model'},dtype=float32",
+        device="cpu",
+        tasks=["hellaswag_local"],
+        batch_size=8,
+        log_samples=True,
         task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks)),
-    )  # fmt: skip
+    )
     samples = sorted(got["samples"]["hellaswag_local"], key=lambda r: r["doc_id"])
     assert len(samples) == len(exs)
     ours = evaluate(model, exs, "cpu", batch_size=4, details=True, protocol="lm-eval")
@@ -421,10 +472,12 @@ def test_lm_eval_itself_agrees(tmp_path, monkeypatch):
     result = got["results"]["hellaswag_local"]
     assert result["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
     assert result["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
-    print(f"lm-eval {lm_eval.__version__}: {len(exs)} examples, acc {ours['acc']:.4f}, acc_norm "
-          f"{ours['acc_norm']:.4f} (lm_eval: {result['acc,none']:.4f}, "
-          f"{result['acc_norm,none']:.4f}); choices (acc, acc_norm) "
-          f"{list(zip(ours['pred'], ours['pred_norm']))}: all agree")  # fmt: skip
+    print(
+        f"lm-eval {lm_eval.__version__}: {len(exs)} examples, acc {ours['acc']:.4f}, acc_norm "
+        f"{ours['acc_norm']:.4f} (lm_eval: {result['acc,none']:.4f}, "
+        f"{result['acc_norm,none']:.4f}); choices (acc, acc_norm) "
+        f"{list(zip(ours['pred'], ours['pred_norm']))}: all agree"
+    )
 
 
 # --- stage 08 -----------------------------------------------------------------------------
@@ -472,8 +525,15 @@ def test_08_checkpoint_padded_vocab_and_cropping(tmp_path, capsys, examples):
     """Our checkpoint (vocab padded to 50304, random rows there; block_size 24, so long rows
     are cropped) scores like its transformers export."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=24, vocab_size=50304, n_layer=2, n_head=2, n_embd=32,
-                       tie_weights=True, gpt2_init=True)  # fmt: skip
+    config = GPTConfig(
+        block_size=24,
+        vocab_size=50304,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        tie_weights=True,
+        gpt2_init=True,
+    )
     model = GPT(config)
     assert model.lm_head.weight[50257:].abs().sum() > 0  # the padded rows are not zero
     enc = get_tokenizer()
@@ -522,8 +582,9 @@ def test_08_bad_input(hf_tiny_dir, tmp_path):
     bare.write_text(json.dumps(dict(ctx="A man", endings=["a", "b", "c", "d"], label=2)) + "\n")
     with pytest.raises(UserError, match="lm-eval protocol needs each example's activity_label"):
         stage.main(stage.Config(device="cpu", model=str(hf_tiny_dir), data=str(bare)))
-    out = stage.main(stage.Config(device="cpu", model=str(hf_tiny_dir), data=str(bare),
-                                  protocol="nanogpt"))  # fmt: skip
+    out = stage.main(
+        stage.Config(device="cpu", model=str(hf_tiny_dir), data=str(bare), protocol="nanogpt")
+    )
     assert out["n"] == 1
     r = run_script(["08_hellaswag.py", "--device", "cpu", "--data", "/no/such.jsonl"])
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -539,15 +600,34 @@ def test_08_torchrun_two_processes_match_one(hf_tiny_dir, tmp_path):
     stage = load_stage("08_hellaswag")
     single = stage.main(stage_config(stage, model=str(hf_tiny_dir)))
     out = tmp_path / "result.json"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "08_hellaswag.py", "--device", "cpu", "--model", str(hf_tiny_dir), "--data",
-            str(FIXTURE), "--compare-hf", "true", "--json", str(out)]  # fmt: skip
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "08_hellaswag.py",
+        "--device",
+        "cpu",
+        "--model",
+        str(hf_tiny_dir),
+        "--data",
+        str(FIXTURE),
+        "--compare-hf",
+        "true",
+        "--json",
+        str(out),
+    ]
     r = run_script(args)
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     assert got["world_size"] == 2 and got["disagree"] == 0
-    for key in ("n", "nanogpt_correct", "nanogpt_correct_norm", "lm_eval_correct",
-                "lm_eval_correct_norm"):  # fmt: skip
+    for key in (
+        "n",
+        "nanogpt_correct",
+        "nanogpt_correct_norm",
+        "lm_eval_correct",
+        "lm_eval_correct_norm",
+    ):
         assert got[key] == single[key]
     assert "(2 processes)" in r.stdout
     assert sum(line.startswith("hellaswag val:") for line in r.stdout.splitlines()) == 2  # rank 0

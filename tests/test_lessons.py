@@ -30,45 +30,76 @@ LESSONS = {
     ("00_model", "01_hf_eval"): (140, "from_pretrained("),
     ("01_hf_eval", "02_overfit_batch"): (110, "loss.backward()"),
     ("02_overfit_batch", "03_dataloader"): (60, "class TextLoader"),
-    ("03_dataloader", "04_best_practices"): (40, "model.transformer.wte.weight = model.lm_head.weight"),
+    ("03_dataloader", "04_best_practices"): (
+        40,
+        "model.transformer.wte.weight = model.lm_head.weight",
+    ),
     ("04_best_practices", "05_speedups"): (80, 'torch.set_float32_matmul_precision("high")'),
     # 06: + (issue 27) `--batch-size auto` (4 lines; 05 trains at one fixed batch, no accumulation)
     ("05_speedups", "06_hyperparams"): (84, "math.cos(math.pi * progress)"),
     # 07: DDP and validation, plus (issue 20) the shuffled order and (issue 19) a store per
     # restart attempt: 218 lines where DDP + validation alone took 191
     ("06_hyperparams", "07_ddp_fineweb"): (225, 'dist.init_process_group(backend="nccl"'),
-}  # fmt: skip
+}
 ALSO = {  # more of each lesson's code that must be in its diff
-    ("04_best_practices", "05_speedups"): ["torch.autocast(", "torch.compile(", 'attn="sdpa"',
-                                           "vocab_size=50304", "GradScaler("],
-    ("05_speedups", "06_hyperparams"): ["p.dim() >= 2", "fused=fused", "clip_grad_norm_",
-                                        "loss / accum_steps"],
-    ("06_hyperparams", "07_ddp_fineweb"): ['os.environ["RANK"]', "require_backward_grad_sync",
-                                          "DDP(model", "def evaluate_val",
-                                          "def shuffled_windows", "rng.permutation("],
-}  # fmt: skip
+    ("04_best_practices", "05_speedups"): [
+        "torch.autocast(",
+        "torch.compile(",
+        'attn="sdpa"',
+        "vocab_size=50304",
+        "GradScaler(",
+    ],
+    ("05_speedups", "06_hyperparams"): [
+        "p.dim() >= 2",
+        "fused=fused",
+        "clip_grad_norm_",
+        "loss / accum_steps",
+    ],
+    ("06_hyperparams", "07_ddp_fineweb"): [
+        'os.environ["RANK"]',
+        "require_backward_grad_sync",
+        "DDP(model",
+        "def evaluate_val",
+        "def shuffled_windows",
+        "rng.permutation(",
+    ],
+}
 
 
 def diff_lines(a, b):
     """The changed lines of `diff a.py b.py` (what a learner reads), without the markers."""
     if shutil.which("diff"):
-        out = subprocess.run(["diff", f"{a}.py", f"{b}.py"], cwd=ROOT, capture_output=True,
-                             text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["diff", f"{a}.py", f"{b}.py"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
         return [line[2:] for line in out.splitlines() if line[:1] in "<>"]
     import difflib
 
     la, lb = ((ROOT / f"{n}.py").read_text().splitlines() for n in (a, b))
-    return [d[2:] for d in difflib.unified_diff(la, lb, n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")]  # fmt: skip
+    return [
+        d[2:]
+        for d in difflib.unified_diff(la, lb, n=0)
+        if d[:1] in "+-" and d[:3] not in ("+++", "---")
+    ]
 
 
 def code_key(code, doc=None):
     """What a code object computes with: bytecode, constants (with their types: 1 is not 1.0;
     nested code objects, such as lambdas, compared the same way), names and local names. Not
     the docstring `doc`, line numbers or the file name."""
-    consts = tuple(code_key(c) if isinstance(c, types.CodeType) else (type(c).__name__, c)
-                   for c in code.co_consts if doc is None or c != doc)  # fmt: skip
-    return (code.co_code, consts, code.co_names, code.co_varnames, code.co_freevars,
-            code.co_cellvars)  # fmt: skip
+    consts = tuple(
+        code_key(c) if isinstance(c, types.CodeType) else (type(c).__name__, c)
+        for c in code.co_consts
+        if doc is None or c != doc
+    )
+    return (
+        code.co_code,
+        consts,
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+    )
 
 
 def same_code(a, b):
@@ -91,10 +122,12 @@ def test_same_code_catches_a_changed_constant_or_name():
     way (a function compiled alone can differ in bytecode from one in its module: 3.11 calls
     an imported module's function with LOAD_ATTR there, LOAD_METHOD here)."""
     s04 = load_stage("04_best_practices")
-    for fn, old, new in ((s04.gpt2_init, "std=0.02", "std=0.01"),
-                         (s04.gpt2_init, "init.zeros_", "init.ones_"),
-                         (setup_ddp, 'backend="nccl"', 'backend="gloo"'),
-                         (lr_at, "(0.1 + 0.9", "(0.2 + 0.9")):  # fmt: skip
+    for fn, old, new in (
+        (s04.gpt2_init, "std=0.02", "std=0.01"),
+        (s04.gpt2_init, "init.zeros_", "init.ones_"),
+        (setup_ddp, 'backend="nccl"', 'backend="gloo"'),
+        (lr_at, "(0.1 + 0.9", "(0.2 + 0.9"),
+    ):
         same, changed = edited(fn, old, old), edited(fn, old, new)
         assert not same_code(changed, same), (fn.__name__, new)
         if "gloo" not in new:  # "gloo" is already a constant of setup_ddp: its index differs
@@ -121,8 +154,11 @@ def test_model_file_is_the_model_only():
     src = (ROOT / "common" / "model.py").read_text()
     assert len(src.splitlines()) <= 250
     imports = re.findall(r"^\s*(?:from|import) (\S+)", src, flags=re.M)
-    assert not [m for m in imports if m.startswith(("transformers", "common.generate",
-                                                     "common.sample", "common.hf"))]  # fmt: skip
+    assert not [
+        m
+        for m in imports
+        if m.startswith(("transformers", "common.generate", "common.sample", "common.hf"))
+    ]
     assert "def generate" not in src and "def from_pretrained" not in src
 
 
@@ -222,8 +258,10 @@ def test_07_shuffle_equals_common(tmp_path):
         a, b = s07.shuffled_windows(n, T, seed), shuffled_windows(n, T, seed)
         assert np.array_equal(a, b) and len(set(a.tolist())) == len(a) == (n - 1 - a.min() % T) // T
     np.save(tmp_path / "x_train_000001.npy", np.arange(3000, dtype=np.uint16))
-    ours, theirs = (ShardLoader(tmp_path, "train", 4, 16, shuffle=f, seed=1)
-                    for f in (s07.shuffled_windows, shuffled_windows))  # fmt: skip
+    ours, theirs = (
+        ShardLoader(tmp_path, "train", 4, 16, shuffle=f, seed=1)
+        for f in (s07.shuffled_windows, shuffled_windows)
+    )
     for _ in range(100):  # past the end of the epoch
         assert torch.equal(ours.next_batch()[0], theirs.next_batch()[0])
     assert s07.Config().shuffle is True  # on by default in the real run

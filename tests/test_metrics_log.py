@@ -62,16 +62,21 @@ def test_resume_keeps_the_header_drops_later_steps_and_adds_its_own(tmp_path):
     MetricsLog(tmp_path, resume_step=4, run_config={"steps": 8})  # from ckpt_000004.pt
     rows = lines_of(tmp_path)
     assert [(r["split"], r["step"]) for r in rows] == [
-        ("run", 0), *(("train", s) for s in range(4)), ("run", 4)
-    ]  # fmt: skip
+        ("run", 0),
+        *(("train", s) for s in range(4)),
+        ("run", 4),
+    ]
     assert "resumed_at" not in rows[0]["run"] and rows[-1]["run"]["resumed_at"] == 4
     assert read_run_header(tmp_path) == rows[0]["run"]  # the run's own header, not the resume's
 
     # a second crash and a resume from an earlier checkpoint drops the later resume's header
     MetricsLog(tmp_path, resume_step=2)
     assert [(r["split"], r["step"]) for r in lines_of(tmp_path)] == [
-        ("run", 0), ("train", 0), ("train", 1), ("run", 2)
-    ]  # fmt: skip
+        ("run", 0),
+        ("train", 0),
+        ("train", 1),
+        ("run", 2),
+    ]
 
 
 def test_readers_skip_the_header(tmp_path):
@@ -162,11 +167,22 @@ def test_wandb_offline_gets_the_records(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "seconds,text",
-    [(0, "0s"), (12.4, "12s"), (59.4, "59s"), (59.6, "1m00s"), (185, "3m05s"),
-     (3599.4, "59m59s"), (3599.6, "1h00m"), (4 * 3600 + 12 * 60 + 20, "4h12m"),
-     (52 * 3600 + 3 * 60, "52h03m"), (None, "?"), (-1, "?"), (float("inf"), "?"),
-     (float("nan"), "?")],
-)  # fmt: skip
+    [
+        (0, "0s"),
+        (12.4, "12s"),
+        (59.4, "59s"),
+        (59.6, "1m00s"),
+        (185, "3m05s"),
+        (3599.4, "59m59s"),
+        (3599.6, "1h00m"),
+        (4 * 3600 + 12 * 60 + 20, "4h12m"),
+        (52 * 3600 + 3 * 60, "52h03m"),
+        (None, "?"),
+        (-1, "?"),
+        (float("inf"), "?"),
+        (float("nan"), "?"),
+    ],
+)
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
 

@@ -21,9 +21,13 @@ def meta_params(name, **kw):
 
 @pytest.mark.parametrize(
     "name,count",
-    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
-     ("gpt2-xl", 1_557_611_200)],
-)  # fmt: skip
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
 def test_preset_parameter_counts(name, count):
     assert meta_params(name, tie_weights=True) == count
     c = preset_config(name)

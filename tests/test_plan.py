@@ -42,7 +42,9 @@ def test_flash_attention_has_no_T_squared_term_and_manual_has():
     assert per_token("sdpa", 2048) == per_token("sdpa", 512)  # per token: independent of T
     assert per_token("manual", 2048) - per_token("manual", 1024) == 6 * 12 * 1024  # (4 + 2) a T
     # compile recomputes the GELU output and the head merge: less kept
-    assert sum(b for _, b in plan.layer_terms(config, 1024, 2, "sdpa", compiled=True)) < per_token("sdpa", 1024)  # fmt: skip
+    assert sum(b for _, b in plan.layer_terms(config, 1024, 2, "sdpa", compiled=True)) < per_token(
+        "sdpa", 1024
+    )
 
 
 def measure_step(config, B, T):
@@ -53,8 +55,9 @@ def measure_step(config, B, T):
 def test_estimate_is_within_15_percent_of_a_measured_cpu_step(attn):
     """fp32 on this CPU: the planner's peak against the profiler's, for a real step
     (two micro-steps, AdamW). BENCHMARKS.md has the full table (bench/plan_memory.py)."""
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304,
-                       tie_weights=True, attn=attn)  # fmt: skip
+    config = GPTConfig(
+        n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304, tie_weights=True, attn=attn
+    )
     for B in (2, 8):
         est = plan.estimate(config, B, 32, "float32", attn=attn)["peak"]
         got = measure_step(config, B, 32)
@@ -82,7 +85,9 @@ def test_cli_for_a_card_prints_the_breakdown_largest_b_and_time(capsys):
     assert f"RTX 4090 (24 GiB; a run may use 21.6): --batch-size auto: B = {B} " in text
     for item in ("weights", "gradients", "AdamW moments", "activations", "logits and loss"):
         assert item in text
-    assert re.search(r"time \(estimate\): 10\.0B tokens in [\d.]+ h on 1 x RTX 4090 at 165 TFLOPS", text)  # fmt: skip
+    assert re.search(
+        r"time \(estimate\): 10\.0B tokens in [\d.]+ h on 1 x RTX 4090 at 165 TFLOPS", text
+    )
     # hours = tokens * FLOPs per token / (MFU * peak)
     per_token = bench.flops_per_token(plan.meta_model(plan.model_config("gpt2")), 1024)
     assert res["hours"] == pytest.approx(19073 * 524288 * per_token / (0.4 * 165.2e12) / 3600)
@@ -122,7 +127,9 @@ def test_every_card_row_and_the_readme_table_agree(capsys):
     table = text.split("### Which GPU?")[1]
     assert set(res["cards"]) == set(bench.CARDS)
     for name, row in res["cards"].items():
-        m = re.search(rf"^\| {re.escape(name)} \| (\d+) GB \| (\d+) \| (\d+) \| ([\d.]+) h \|", table, re.M)  # fmt: skip
+        m = re.search(
+            rf"^\| {re.escape(name)} \| (\d+) GB \| (\d+) \| (\d+) \| ([\d.]+) h \|", table, re.M
+        )
         assert m, name
         assert int(m[1]) == bench.CARDS[name].memory_gib
         assert (int(m[2]), int(m[3])) == (row["batch_size"], row["accum_steps"]), name
@@ -164,9 +171,12 @@ def test_auto_halves_on_out_of_memory_and_says_so(monkeypatch, capsys):
     assert B == 4
     tried = re.findall(r"B=(\d+) ran out of memory; trying B=(\d+)", text)
     assert tried == [("32", "16"), ("16", "8"), ("8", "4")]  # 32: the planner's, for 64 GiB
-    line = re.search(r"--batch-size auto: B=4, 8 micro-step\(s\) of 4x32 per GPU per optimizer "
-                     r"step; peak memory ([\d.]+) GiB estimated, ([\d.]+) GiB measured, of 64.0 "
-                     r"GiB on a test card", text)  # fmt: skip
+    line = re.search(
+        r"--batch-size auto: B=4, 8 micro-step\(s\) of 4x32 per GPU per optimizer "
+        r"step; peak memory ([\d.]+) GiB estimated, ([\d.]+) GiB measured, of 64.0 "
+        r"GiB on a test card",
+        text,
+    )
     assert line and float(line[2]) > 0
     monkeypatch.setattr(GPT, "forward", oom_above(0))
     with pytest.raises(UserError, match="out of memory even at B=1"):
@@ -202,8 +212,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def run_injected(argv, env, limit, after):
     code = INJECT.format(limit=limit, after=after, argv=argv)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_out_of_memory_is_one_line_touches_no_checkpoint_and_half_the_batch_resumes(
@@ -212,34 +223,70 @@ def test_out_of_memory_is_one_line_touches_no_checkpoint_and_half_the_batch_resu
     """B=4: out of memory at step 4 (after the step-3 checkpoint). One line, exit code 1,
     the checkpoint untouched; the command it names (--batch-size 2 --resume) finishes the
     run with the same tokens per step and the same losses as a run never stopped."""
-    args = ["07_ddp_fineweb.py", "--data-dir", str(shards), "--device", "cpu", "--seq-len", "32",
-            "--total-batch", "256", "--steps", "6", "--warmup-steps", "2", "--val-every", "0",
-            "--sample-every", "0", "--ckpt-every", "3", "--dtype", "float32"]  # fmt: skip
+    args = [
+        "07_ddp_fineweb.py",
+        "--data-dir",
+        str(shards),
+        "--device",
+        "cpu",
+        "--seq-len",
+        "32",
+        "--total-batch",
+        "256",
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "3",
+        "--dtype",
+        "float32",
+    ]
     env = {**cache_env, "OMP_NUM_THREADS": "1"}
     full, cut = tmp_path / "full", tmp_path / "cut"
-    full_run = subprocess.Popen([sys.executable, *args, "--batch-size", "4", "--out", str(full)],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)  # meanwhile  # fmt: skip
+    full_run = subprocess.Popen(
+        [sys.executable, *args, "--batch-size", "4", "--out", str(full)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # meanwhile
     r = run_injected([*args, "--batch-size", "4", "--out", str(cut)], env, limit=2, after=3 * 2)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     line = r.stderr.strip()
     assert line.startswith("error: out of memory at step 3, micro-step 1 of 2 (B=4, T=32); ")
-    assert "rerun with --batch-size 2, the same 256 tokens per step (or --batch-size auto): " in line  # fmt: skip
+    assert (
+        "rerun with --batch-size 2, the same 256 tokens per step (or --batch-size auto): " in line
+    )
     assert line.endswith(f"--batch-size 2 --resume; newest checkpoint: {cut / 'ckpt_000003.pt'}")
     assert [p.name for p in list_checkpoints(cut)] == ["ckpt_000003.pt"]
     assert load_checkpoint(cut / "ckpt_000003.pt")["step"] == 3  # verifies: written whole
     assert not [p for p in cut.iterdir() if ".tmp" in p.name]  # no half-written save
     before = hashlib.sha256((cut / "ckpt_000003.pt").read_bytes()).hexdigest()
     # the command it names: another micro-batch, the same tokens per optimizer step
-    r = subprocess.run([sys.executable, *args, "--batch-size", "2", "--out", str(cut), "--resume"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, *args, "--batch-size", "2", "--out", str(cut), "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert full_run.wait(timeout=300) == 0, full_run.stderr.read()
     full_run.stderr.close()
     assert "resumed from step 3" in r.stdout and "4 micro-steps of 2x32" in r.stdout
     assert hashlib.sha256((cut / "ckpt_000003.pt").read_bytes()).hexdigest() == before
-    rows = {p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (full, cut)}  # fmt: skip
+    rows = {
+        p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+        for p in (full, cut)
+    }
     train = {p: {x["step"]: x for x in rows[p] if x["split"] == "train"} for p in rows}
     assert sorted(train[cut]) == list(range(6))
     for s in range(6):  # the same tokens every step: the same losses (fp32, in another order)

@@ -18,16 +18,35 @@ def write_metrics(path, steps=300, val_every=25, hellaswag_every=50, extra_lines
     for s in range(steps):
         loss = 3.3 + 7.5 * math.exp(-s / 60) + rng.gauss(0, 0.08)
         tokens = (s + 1) * tokens_per_step
-        lines.append(dict(step=s, split="train", loss=loss, lr=6e-4 * min(1, (s + 1) / 20),
-                          norm=0.5 + rng.random(), dt=0.31, tokens_per_s=52_000.0,
-                          mfu=None, tokens=tokens, host="gpu-7"))  # fmt: skip
+        lines.append(
+            dict(
+                step=s,
+                split="train",
+                loss=loss,
+                lr=6e-4 * min(1, (s + 1) / 20),
+                norm=0.5 + rng.random(),
+                dt=0.31,
+                tokens_per_s=52_000.0,
+                mfu=None,
+                tokens=tokens,
+                host="gpu-7",
+            )
+        )
         if val_every and (s % val_every == 0 or s == steps - 1):
             lines.append(dict(step=s, split="val", loss=loss + 0.04, tokens=tokens))
         if hellaswag_every and (s % hellaswag_every == 0 or s == steps - 1):
             acc = 0.25 + 0.05 * s / steps
-            lines.append(dict(step=s, split="hellaswag", nanogpt_acc=acc,
-                              nanogpt_acc_norm=acc + 0.01, lm_eval_acc=acc + 0.005,
-                              lm_eval_acc_norm=acc + 0.02, n=10042))  # fmt: skip
+            lines.append(
+                dict(
+                    step=s,
+                    split="hellaswag",
+                    nanogpt_acc=acc,
+                    nanogpt_acc_norm=acc + 0.01,
+                    lm_eval_acc=acc + 0.005,
+                    lm_eval_acc_norm=acc + 0.02,
+                    n=10042,
+                )
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(d) + "\n" for d in lines) + "".join(extra_lines)
     path.write_text(text)

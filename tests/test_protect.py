@@ -22,10 +22,18 @@ from conftest import ROOT, load_stage, run_script
 from common import UserError, cli
 from common import fineweb as fw
 from common.checkpoint import (
-    RunLock, check_resume, clean_state_dict, content_hash, list_checkpoints, load_checkpoint,
-    model_from_checkpoint, newest_good_checkpoint, prune_checkpoints, remove_stale_temps,
+    RunLock,
+    check_resume,
+    clean_state_dict,
+    content_hash,
+    list_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+    newest_good_checkpoint,
+    prune_checkpoints,
+    remove_stale_temps,
     save_checkpoint,
-)  # fmt: skip
+)
 from common.data import ShardLoader, load_text
 from common.hellaswag import read_examples
 from common.model import GPT, GPTConfig
@@ -50,8 +58,9 @@ def flip(path, start, n=64):
 
 def dead_pid():
     """The PID of a process that has already exited."""
-    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     return int(p.stdout)
 
 
@@ -69,8 +78,11 @@ time.sleep(300)
 
 def test_run_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT)), str(out)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(root=str(ROOT)), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError) as e:
@@ -83,13 +95,15 @@ def test_run_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
         lock = RunLock(out).acquire()
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
         assert RunLock.held(out)
-        again = run_script(["-c", HOLDER.format(root=str(ROOT)).replace("time.sleep(300)", ""),
-                            str(out)])  # fmt: skip
+        again = run_script(
+            ["-c", HOLDER.format(root=str(ROOT)).replace("time.sleep(300)", ""), str(out)]
+        )
         assert again.returncode != 0 and "is in use by another run" in again.stderr
         lock.release()
         assert not RunLock.held(out)
-        again = run_script(["-c", HOLDER.format(root=str(ROOT)).replace("time.sleep(300)", ""),
-                            str(out)])  # fmt: skip
+        again = run_script(
+            ["-c", HOLDER.format(root=str(ROOT)).replace("time.sleep(300)", ""), str(out)]
+        )
         assert again.returncode == 0 and again.stdout.strip() == "locked", again.stderr
     finally:
         holder.kill()
@@ -111,8 +125,11 @@ def test_non_finite_state_is_never_saved(tmp_path):
     good = save_checkpoint(tmp_path, 1, model, model.config)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[3, 5] = float("nan")
-    with pytest.raises(UserError, match=r"not saving step 2: transformer\.h\.0\.mlp\.c_fc\.weight "
-                       rf"holds nan/inf; newest good checkpoint: {good}"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"not saving step 2: transformer\.h\.0\.mlp\.c_fc\.weight "
+        rf"holds nan/inf; newest good checkpoint: {good}",
+    ):
         save_checkpoint(tmp_path, 2, model, model.config)
     model = small_model()
     opt = torch.optim.AdamW(model.parameters())
@@ -161,8 +178,10 @@ def test_flipped_bytes_are_refused_naming_the_older_good_checkpoint(tmp_path, ca
     with pytest.raises(UserError, match=want):
         model_from_checkpoint(tmp_path)
 
-    r = run_script(["-m", "common.export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")],
-                   env=cache_env)  # fmt: skip
+    r = run_script(
+        ["-m", "common.export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")],
+        env=cache_env,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {two} fails its checksum")
@@ -213,8 +232,11 @@ def test_check_resume_lists_what_changes_and_needs_the_flag():
         "--allow-config-change to accept the change"
     )
     changes = check_resume(saved, new, allow_change=True)
-    assert changes == ["--total-batch 524288 -> 262144", "--steps 19073 -> 30000",
-                       "--max-lr 0.0006 -> 0.0003"]  # fmt: skip
+    assert changes == [
+        "--total-batch 524288 -> 262144",
+        "--steps 19073 -> 30000",
+        "--max-lr 0.0006 -> 0.0003",
+    ]
     assert check_resume(saved, dict(saved, seed=1), keys=("seed",), allow_change=True) == [
         "--seed 1337 -> 1"
     ]
@@ -226,9 +248,16 @@ def test_remove_stale_temps_touches_nothing_else(tmp_path):
     stale.write_bytes(b"x" * 1000)
     mine = tmp_path / f".ckpt_000008.pt.tmp{live}"
     mine.write_bytes(b"y" * 300)
-    others = ["ckpt_000004.pt", f"ckpt_000004.pt.tmp{dead}", f".ckpt_4.pt.tmp{dead}",
-              ".ckpt_000004.pt.tmp12x", f".edufineweb_val_000000.npy.tmp{dead}", "metrics.jsonl",
-              "notes.txt", f".ckpt_000004.pt.tmp{dead}.bak"]  # fmt: skip
+    others = [
+        "ckpt_000004.pt",
+        f"ckpt_000004.pt.tmp{dead}",
+        f".ckpt_4.pt.tmp{dead}",
+        ".ckpt_000004.pt.tmp12x",
+        f".edufineweb_val_000000.npy.tmp{dead}",
+        "metrics.jsonl",
+        "notes.txt",
+        f".ckpt_000004.pt.tmp{dead}.bak",
+    ]
     for name in others:
         (tmp_path / name).write_text("keep me")
     (tmp_path / ".ckpt_000009.pt.tmp1x").mkdir()
@@ -251,8 +280,11 @@ def test_compiled_and_ddp_state_dicts_load(tmp_path):
     assert list(clean_state_dict(compiled.state_dict())) == list(model.state_dict())
     sd = model.state_dict()
     for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
-        state = dict(step=1, model={prefix + k: v for k, v in sd.items()},
-                     model_config=dataclasses.asdict(SMALL))  # fmt: skip
+        state = dict(
+            step=1,
+            model={prefix + k: v for k, v in sd.items()},
+            model_config=dataclasses.asdict(SMALL),
+        )
         state["sha256"] = content_hash(state)
         torch.save(state, tmp_path / "ckpt_000001.pt")
         loaded, _ = model_from_checkpoint(tmp_path / "ckpt_000001.pt")
@@ -326,8 +358,9 @@ def test_no_prefixes_and_underscore_spelling(s07, no_cuda, capsys):
         assert cfg.seq_len == s07.Config.cpu["seq_len"]  # the other CPU defaults still apply
         note = capsys.readouterr().out.strip()
         assert note.startswith("No CUDA GPU: using the CPU defaults (preset=tiny, seq_len=64,")
-        assert note.endswith("; as given: batch_size=3, steps=60, keep_last=0); --preset gpt2 "
-                             "forces the real size.")  # fmt: skip
+        assert note.endswith(
+            "; as given: batch_size=3, steps=60, keep_last=0); --preset gpt2 forces the real size."
+        )
         assert "batch_size=8" not in note and "steps=40" not in note
     help_ = run_script(["07_ddp_fineweb.py", "--help"]).stdout
     assert "--batch-size BATCH_SIZE" in help_ and "--batch_size BATCH_SIZE" not in help_
@@ -346,8 +379,9 @@ def test_bad_flag_on_the_command_line_is_one_line(cache_env):
 
 def test_fineweb_failed_start_leaves_nothing_that_blocks(tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"document number {i}. " * 20}) + "\n"
-                            for i in range(40)))  # fmt: skip
+    docs.write_text(
+        "".join(json.dumps({"text": f"document number {i}. " * 20}) + "\n" for i in range(40))
+    )
     cfg = fw.Config(data_files=str(docs), out_dir=str(tmp_path / "out"), shard_size=500, workers=1)
     with pytest.raises(UserError, match="no 'body' column"):
         fw.main(dataclasses.replace(cfg, text_column="body"))  # fails before its first shard
@@ -357,8 +391,10 @@ def test_fineweb_failed_start_leaves_nothing_that_blocks(tmp_path):
     other = dataclasses.replace(cfg, out_dir=str(tmp_path / "old"))
     settings = dict(fw.settings_of(cfg), text_column="body")
     (tmp_path / "old").mkdir()
-    fw.write_progress(fw.progress_path(other.out_dir, other.prefix),
-                      dict(settings=settings, shards=[], finished=None))  # fmt: skip
+    fw.write_progress(
+        fw.progress_path(other.out_dir, other.prefix),
+        dict(settings=settings, shards=[], finished=None),
+    )
     assert fw.main(other)["shards"] > 1
 
 
@@ -383,8 +419,11 @@ def test_shard_with_token_ids_beyond_the_vocab_is_refused(tmp_path):
     bad[700] = 60000  # from another tokenizer, or a damaged file
     np.save(tmp_path / "edufineweb_train_000002.npy", bad)
     loader = ShardLoader(tmp_path, "train", 4, 32)  # reads shard 1 now, shard 2 when it gets there
-    with pytest.raises(UserError, match=r"shard .*edufineweb_train_000002\.npy holds token id "
-                       r"60000, beyond the 50257 of GPT-2's vocabulary"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"shard .*edufineweb_train_000002\.npy holds token id "
+        r"60000, beyond the 50257 of GPT-2's vocabulary",
+    ):
         for _ in range(10):
             loader.next_batch()
     np.save(tmp_path / "edufineweb_train_000001.npy", bad)
@@ -422,12 +461,18 @@ def test_hellaswag_endings_and_text_labels(tmp_path):
 
 def test_plot_skips_and_counts_bad_lines(tmp_path, capsys):
     lines = [json.dumps({"split": "run", "run": {"preset": "tiny"}}).encode()]  # the header
-    lines += [json.dumps(dict(step=s, split="train", loss=5.0 - s / 10, tokens=1024 * (s + 1)))
-              .encode() for s in range(20)]  # fmt: skip
-    lines += [b'{"step": 20, "split": "train", "loss": "abc", "tokens": 1}',
-              b'{"step": 21, "split": "val", "loss": 3.\xff}', b"\xff\xfe",
-              b'{"step": 22, "split": "hellaswag", "acc": NaN, "acc_norm": 0.3}', b"[1, 2]",
-              b'{"step": 23, "split": "train", "loss": 4.0, "tokens": true}']  # fmt: skip
+    lines += [
+        json.dumps(dict(step=s, split="train", loss=5.0 - s / 10, tokens=1024 * (s + 1))).encode()
+        for s in range(20)
+    ]
+    lines += [
+        b'{"step": 20, "split": "train", "loss": "abc", "tokens": 1}',
+        b'{"step": 21, "split": "val", "loss": 3.\xff}',
+        b"\xff\xfe",
+        b'{"step": 22, "split": "hellaswag", "acc": NaN, "acc_norm": 0.3}',
+        b"[1, 2]",
+        b'{"step": 23, "split": "train", "loss": 4.0, "tokens": true}',
+    ]
     (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     runs = read_metrics(tmp_path)
     assert [len(runs[k]) for k in ("train", "val", "hellaswag")] == [20, 0, 0]

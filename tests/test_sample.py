@@ -79,9 +79,13 @@ def test_greedy_matches_transformers_generate(hf_tiny_dir, attn):
     x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         theirs = hf.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
-            use_cache=True, pad_token_id=0,
-        )  # fmt: skip
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=24,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
     assert generate(ours, x, 24, temperature=0).tolist() == theirs.tolist()
 
 
@@ -118,8 +122,15 @@ def hand_made():
 
 
 @pytest.mark.parametrize(
-    "p,expected", [(0.3, {1}), (0.75, {1, 3}), (0.85, {0, 1, 3}), (0.97, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4})]
-)  # fmt: skip
+    "p,expected",
+    [
+        (0.3, {1}),
+        (0.75, {1, 3}),
+        (0.85, {0, 1, 3}),
+        (0.97, {0, 1, 2, 3, 4}),
+        (1.0, {0, 1, 2, 3, 4}),
+    ],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
     assert kept(filter_logits(hand_made(), top_p=p)) == expected
 
@@ -207,8 +218,18 @@ def test_sample_main_streams_what_it_returns(ckpt_dir, capsys):
 
 
 def test_sample_cli(ckpt_dir, cache_env, capsys):
-    args = ["-m", "common.sample", "--ckpt", str(ckpt_dir), "--device", "cpu",
-            "--prompt", "Once upon a time", "--max-new-tokens", "8"]  # fmt: skip
+    args = [
+        "-m",
+        "common.sample",
+        "--ckpt",
+        str(ckpt_dir),
+        "--device",
+        "cpu",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+    ]
     r = run_script(args, env=cache_env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time") and len(r.stdout) > len("Once upon a time") + 8

@@ -6,16 +6,18 @@ import json
 import pytest
 import torch
 from conftest import load_stage, run_script
-from test_data import server  # noqa: F401  (a fixture: the local HTTP server on 127.0.0.1)
+import test_data
 from test_stages import tiny
 
 import common.data as data
 from common import UserError
 from common.cli import parse_args
 
+server = test_data.server  # the fixture: a local HTTP server on 127.0.0.1
+
 
 @pytest.fixture()
-def served(server, tmp_path, monkeypatch, shakespeare):  # noqa: F811
+def served(server, tmp_path, monkeypatch, shakespeare):
     """Tiny shakespeare's URL and checksum pointed at the sample, served on 127.0.0.1."""
     url, root = server
     (root / "input.txt").write_bytes(shakespeare.read_bytes())
@@ -53,8 +55,9 @@ def test_data_cli_checksum_mismatch_writes_nothing(served, tmp_path, monkeypatch
 def test_data_cli_docs_of_a_local_text_and_errors(shakespeare, tmp_path, cache_env):
     """As a user runs it: no network needed for a text of one's own; mistakes are one line."""
     docs = tmp_path / "docs.jsonl"
-    r = run_script(["-m", "common.data", "--text", str(shakespeare), "--docs-jsonl", str(docs)],
-                   env=cache_env)  # fmt: skip
+    r = run_script(
+        ["-m", "common.data", "--text", str(shakespeare), "--docs-jsonl", str(docs)], env=cache_env
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "454 documents" in r.stdout and "common.fineweb" in r.stdout
     assert len(docs.read_text().splitlines()) == 454
@@ -83,9 +86,12 @@ def test_random_model_cli_saves_a_preset_that_stage_01_loads(tmp_path, cache_env
     tiny_sizes = PRESETS["tiny"]
     c = hf.config
     assert (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size) == (
-        tiny_sizes["n_layer"], tiny_sizes["n_head"], tiny_sizes["n_embd"],
-        tiny_sizes["block_size"], 50257,
-    )  # fmt: skip
+        tiny_sizes["n_layer"],
+        tiny_sizes["n_head"],
+        tiny_sizes["n_embd"],
+        tiny_sizes["block_size"],
+        50257,
+    )
     # stage 01 loads it into our model and into transformers' and finds the same network
     stage = load_stage("01_hf_eval")
     res = stage.main(tiny(stage, model=str(out), new_tokens=4))
@@ -103,8 +109,9 @@ def test_random_model_cli_saves_a_preset_that_stage_01_loads(tmp_path, cache_env
 
 
 def test_random_model_unknown_preset_is_one_line(tmp_path, cache_env):
-    r = run_script(["-m", "common.random_model", str(tmp_path / "m"), "--preset", "gpt5"],
-                   env=cache_env)  # fmt: skip
+    r = run_script(
+        ["-m", "common.random_model", str(tmp_path / "m"), "--preset", "gpt5"], env=cache_env
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "unknown preset 'gpt5'" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "m").exists()
@@ -112,8 +119,9 @@ def test_random_model_unknown_preset_is_one_line(tmp_path, cache_env):
 
 def test_a_preset_chooses_the_size_only(monkeypatch, capsys):
     """On a GPU `--preset tiny` is the tiny model with the GPU's batch, steps and lr, and no
-    line (and T=1024 is refused at once: tiny's block is 256); on a CPU the CPU defaults apply to each flag not given, `--preset gpt2` included,
-    and one line names every value that is not the stage's default."""
+    line (and T=1024 is refused at once: tiny's block is 256); on a CPU the CPU defaults apply
+    to each flag not given, `--preset gpt2` included, and one line names every value that is
+    not the stage's default."""
     import common.cli as cli
 
     s05 = load_stage("05_speedups")
@@ -121,16 +129,20 @@ def test_a_preset_chooses_the_size_only(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_no_cuda", lambda cfg: False)  # a GPU
     cfg = parse_args(s05.Config, ["--preset", "tiny", "--seq-len", "256"])
     assert cfg == s05.Config(preset="tiny", seq_len=256) and capsys.readouterr().out == ""
-    with pytest.raises(UserError, match="^sequence length 1024 exceeds block_size 256 of "
-                                        "--preset tiny: lower --seq-len$"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match="^sequence length 1024 exceeds block_size 256 of --preset tiny: lower --seq-len$",
+    ):
         parse_args(s05.Config, ["--preset", "tiny"])  # the GPU's T=1024: said before any work
     monkeypatch.setattr(cli, "_no_cuda", lambda cfg: True)  # a CPU
     cfg = parse_args(s05.Config, ["--preset", "gpt2", "--steps", "5", "--json", "t.json"])
     assert (cfg.preset, cfg.steps, cfg.json) == ("gpt2", 5, "t.json")
     assert (cfg.batch_size, cfg.seq_len, cfg.compile) == (8, 64, False)  # the CPU's
     note = capsys.readouterr().out.strip()
-    assert note == ("No CUDA GPU: using the CPU defaults (batch_size=8, seq_len=64, lr=0.001, "
-                    "compile=False, timed=6; as given: steps=5, json=t.json); --preset gpt2 "
-                    "forces the real size.")  # fmt: skip
+    assert note == (
+        "No CUDA GPU: using the CPU defaults (batch_size=8, seq_len=64, lr=0.001, "
+        "compile=False, timed=6; as given: steps=5, json=t.json); --preset gpt2 "
+        "forces the real size."
+    )
     differs = [f for f in vars(cfg) if getattr(cfg, f) != getattr(default, f)]
     assert all(f"{f}={getattr(cfg, f)}" in note for f in differs)

@@ -103,8 +103,9 @@ def test_reset_and_splits(tmp_path):
     assert torch.equal(val.next_batch()[0], first)  # a validation pass starts over
     train = ShardLoader(tmp_path, "train", B, T)
     assert [p.name for p in train.files] == [
-        "edufineweb_train_000001.npy", "edufineweb_train_000002.npy"
-    ]  # fmt: skip
+        "edufineweb_train_000001.npy",
+        "edufineweb_train_000002.npy",
+    ]
 
 
 def test_errors(tmp_path):
@@ -138,8 +139,9 @@ def test_errors(tmp_path):
     assert one.state_dict()["file"] == "edufineweb_train_000001.npy"
     skipping = ShardLoader(make_shards(tmp_path / "skip", [16, 50]), "train", B, T, world_size=2)
     skipping.load_state_dict({"shard": 1, "pos": 0, "file": "edufineweb_train_000002.npy"})
-    assert skipping.state_dict() == dict(epoch=0, shard=0, file="edufineweb_train_000002.npy",
-                                         window=0, seed=0)  # fmt: skip
+    assert skipping.state_dict() == dict(
+        epoch=0, shard=0, file="edufineweb_train_000002.npy", window=0, seed=0
+    )
 
     loader = ShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="does not match the 2 shards"):
@@ -151,8 +153,9 @@ def test_state_from_a_bigger_step_moves_on(tmp_path):
     goes to the next shard, as next_batch would have."""
     loader = ShardLoader(make_shards(tmp_path, [40, 40]), "train", B, T)
     loader.load_state_dict({"shard": 0, "window": 8})  # (8 + 2) windows of 4 need 41 tokens
-    assert loader.state_dict() == dict(epoch=0, shard=1, file="edufineweb_train_000002.npy",
-                                       window=0, seed=0)  # fmt: skip
+    assert loader.state_dict() == dict(
+        epoch=0, shard=1, file="edufineweb_train_000002.npy", window=0, seed=0
+    )
     assert where(loader.next_batch()[0]) == (1, 0)
 
 
@@ -194,8 +197,9 @@ def test_shuffled_epochs_read_every_window_once_in_a_new_order(tmp_path):
     sizes = [101, 77, 130]
     d = make_shards(tmp_path, sizes)
     step = 2 * B * T  # one micro-step of 2 ranks: 4 windows
-    ranks = [ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=5)
-             for r in (0, 1)]  # fmt: skip
+    ranks = [
+        ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=5) for r in (0, 1)
+    ]
     epochs = {}  # epoch -> shard order and the windows read
     while ranks[0].epoch < 3:
         epoch, shard = ranks[0].epoch, ranks[0].shard
@@ -219,7 +223,11 @@ def test_shuffled_epochs_read_every_window_once_in_a_new_order(tmp_path):
             assert 0 <= left < step // T  # less than one step's worth
     first = [s for k, s in epochs[0]["windows"] if k == epochs[0]["order"][0]]
     assert first != sorted(first)  # shuffled, not in order
-    grids = {(e, k): {s % T for kk, s in epochs[e]["windows"] if kk == k} for e in range(3) for k in range(3)}  # fmt: skip
+    grids = {
+        (e, k): {s % T for kk, s in epochs[e]["windows"] if kk == k}
+        for e in range(3)
+        for k in range(3)
+    }
     assert len({min(g) for g in grids.values()}) > 1  # the offset moves between epochs
 
 
@@ -251,8 +259,9 @@ def test_shuffled_one_process_with_accumulation_reads_what_two_processes_read(tm
     d = make_shards(tmp_path, sizes)
     step = 2 * B * T
     one = ShardLoader(d, "train", B, T, step_tokens=step, shuffle=shuffled_windows, seed=7)
-    two = [ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=7)
-           for r in (0, 1)]  # fmt: skip
+    two = [
+        ShardLoader(d, "train", B, T, r, 2, step, shuffle=shuffled_windows, seed=7) for r in (0, 1)
+    ]
     for _ in range(60):  # several epochs
         a = torch.cat([one.next_batch()[0] for _ in range(2)])  # micro-steps 0 and 1
         x0, x1 = (loader.next_batch()[0] for loader in two)  # ranks 0 and 1
@@ -275,8 +284,9 @@ def test_window_loader_reads_a_text_as_07_reads_one_shuffled_shard(tmp_path):
 
     tokens = list(range(1000, 1203))  # a token's value says where it is
     text = WindowLoader(tokens, B, T, seed=3)
-    shard = ShardLoader(make_shards(tmp_path, [203]), "train", B, T, shuffle=shuffled_windows,
-                        seed=3)  # fmt: skip
+    shard = ShardLoader(
+        make_shards(tmp_path, [203]), "train", B, T, shuffle=shuffled_windows, seed=3
+    )
     per_epoch = (203 - 1 - (T - 1)) // T // B  # whole batches, whatever the epoch's offset
     epochs, x_first = [], None
     for _ in range(3):

@@ -10,8 +10,10 @@ from conftest import ROOT, load_stage, run_script
 
 from common.model import GPT2_VOCAB
 
-STEP_RE = re.compile(r"^step +(\d+)(?:/\d+ \([\d.]+%\))? \| loss (\d+\.\d{4})( \| lr [\d.e+-]+)?"
-                     r"( \| norm [\d.]+)?( \| dt [\d.]+ms)?( \| tok/s [\d,]+)?( \| eta \S+)?")  # fmt: skip
+STEP_RE = re.compile(
+    r"^step +(\d+)(?:/\d+ \([\d.]+%\))? \| loss (\d+\.\d{4})( \| lr [\d.e+-]+)?"
+    r"( \| norm [\d.]+)?( \| dt [\d.]+ms)?( \| tok/s [\d,]+)?( \| eta \S+)?"
+)
 
 
 def tiny(stage, **kw):
@@ -48,8 +50,9 @@ def test_02_overfits_one_batch(shakespeare):
 
 def test_03_dataloader_loss_falls(shakespeare):
     stage = load_stage("03_dataloader")
-    out = stage.main(tiny(stage, input=str(shakespeare), steps=20, batch_size=4, seq_len=32,
-                          lr=3e-3))  # fmt: skip
+    out = stage.main(
+        tiny(stage, input=str(shakespeare), steps=20, batch_size=4, seq_len=32, lr=3e-3)
+    )
     losses = out["losses"]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < losses[0] - 3  # learned something about English
@@ -57,8 +60,9 @@ def test_03_dataloader_loss_falls(shakespeare):
 
 def test_04_tying_and_init(shakespeare, capsys):
     stage = load_stage("04_best_practices")
-    out = stage.main(tiny(stage, input=str(shakespeare), steps=20, batch_size=4, seq_len=32,
-                          lr=3e-3))  # fmt: skip
+    out = stage.main(
+        tiny(stage, input=str(shakespeare), steps=20, batch_size=4, seq_len=32, lr=3e-3)
+    )
     assert "parameters: 7,259,008 (tying saved 6,432,896)" in capsys.readouterr().out
     assert 6_432_896 == GPT2_VOCAB * 128  # tying saves vocab_size x n_embd
     assert abs(out["losses"][0] - math.log(GPT2_VOCAB)) < 0.15  # GPT-2 init: near-uniform
@@ -77,24 +81,39 @@ def test_help_lists_shared_flags(helps, name):
 
 
 def test_cli_run_prints_step_lines(cache_env, shakespeare):
-    args = ["03_dataloader.py", "--input", str(shakespeare), "--preset", "tiny", "--steps", "4",
-            "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]  # fmt: skip
+    args = [
+        "03_dataloader.py",
+        "--input",
+        str(shakespeare),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    ]
     r = run_script(args, env=cache_env)
     assert r.returncode == 0, r.stderr
     steps = [m for m in map(STEP_RE.match, r.stdout.splitlines()) if m]
     assert [int(m.group(1)) for m in steps] == [0, 1, 2, 3]
     assert all(m.group(5) and m.group(6) for m in steps)  # dt and tok/s present
     # on a CPU the CPU default of the one flag not given (lr) applies, and the line says so
-    assert r.stdout.splitlines()[0].startswith("--device cpu: using the CPU defaults (lr=0.001; "
-                                               "as given: device=cpu, preset=tiny, input=")  # fmt: skip
+    assert r.stdout.splitlines()[0].startswith(
+        "--device cpu: using the CPU defaults (lr=0.001; as given: device=cpu, preset=tiny, input="
+    )
     assert re.search(r"summary: 4 batches of 2x16 tokens", r.stdout)
 
 
 def test_cli_auto_cpu_defaults(cache_env, shakespeare):
     if torch.cuda.is_available():
         pytest.skip("CPU defaults apply only without CUDA")
-    r = run_script(["02_overfit_batch.py", "--input", str(shakespeare), "--steps", "3"],
-                   env=cache_env)  # fmt: skip
+    r = run_script(
+        ["02_overfit_batch.py", "--input", str(shakespeare), "--steps", "3"], env=cache_env
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("No CUDA GPU: using the CPU defaults (preset=tiny")
@@ -105,11 +124,21 @@ BAD = [
     (["00_model.py", "--preset", "gpt5"], "unknown preset 'gpt5'"),
     (["01_hf_eval.py", "--model", "gpt-9"], "unknown model 'gpt-9'"),
     (["03_dataloader.py", "--input", "/no/such/file.txt"], "input file not found"),
-    (["04_best_practices.py", "--input", "/no/such/file.txt", "--preset", "tiny", "--seq-len",
-      "512"], "exceeds block_size 256 of --preset tiny"),  # said before the input is read
+    (
+        [
+            "04_best_practices.py",
+            "--input",
+            "/no/such/file.txt",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "512",
+        ],
+        "exceeds block_size 256 of --preset tiny",
+    ),  # said before the input is read
     (["02_overfit_batch.py", "--device", "cuda"], "no CUDA GPU"),
     (["02_overfit_batch.py", "--steps", "many"], "invalid int value"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[b[1] for b in BAD])
