@@ -27,7 +27,8 @@ from common.generate import generate
 from common.model import GPT, preset_config
 from common.run import start_run
 from common.train import (
-    Dist, amp_dtype, lr_at, make_optimizer, pick_device, print0, seed_all, step_line, synchronize,
+    Dist, amp_dtype, ddp_exit, lr_at, make_optimizer, pick_device, print0, seed_all, step_line,
+    synchronize,
 )  # fmt: skip
 
 
@@ -226,4 +227,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(Config))
+    with ddp_exit():  # under torchrun: ends the process group and the process on every path
+        main(parse_args(Config))
