@@ -29,7 +29,7 @@ from common.model import GPT, preset_config
 from common.plan import fit_batch_size
 from common.run import start_run
 from common.device import amp_dtype, pick_device, synchronize
-from common.distributed import Dist, print0
+from common.distributed import Dist, ddp_exit, print0
 from common.train import lr_at, make_optimizer, seed_all, step_line
 
 
@@ -254,4 +254,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(Config))
+    with ddp_exit():  # under torchrun: ends the process group and the process on every path
+        main(parse_args(Config))

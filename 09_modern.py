@@ -82,9 +82,9 @@ class RMSNorm(nn.Module):
 
 # --- no bias: no additive term in any Linear or norm (PaLM, Llama); each nn.Linear below too
 def make_norm(config):
-    return (
-        RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd, bias=config.bias)
-    )
+    if config.rmsnorm:
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 # --- RoPE: position as a rotation of q and k, in every layer
@@ -169,14 +169,9 @@ class ModernGPT(nn.Module):
         super().__init__()
         self.config = config
         wpe = {} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                **wpe,  # rope: no position table
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=make_norm(config),
-            )
-        )
+        wte = nn.Embedding(config.vocab_size, config.n_embd)
+        h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer = nn.ModuleDict(dict(wte=wte, **wpe, h=h, ln_f=make_norm(config)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as since stage 04
         if config.rope:  # (2, block_size, hs/2): tables, not parameters, not in the state dict
@@ -232,12 +227,8 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(p.grad)  # momentum: a running sum of gradients
                 g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov: look one step ahead
-                update = torch.cat(  # each part scaled to RMS 1/sqrt(fan_in)
-                    [
-                        newton_schulz(m) * max(1.0, m.size(0) / m.size(1)) ** 0.5
-                        for m in g.chunk(group["parts"])
-                    ]
-                )
+                scale = lambda m: max(1.0, m.size(0) / m.size(1)) ** 0.5  # RMS 1/sqrt(fan_in)
+                update = torch.cat([newton_schulz(m) * scale(m) for m in g.chunk(group["parts"])])
                 p.add_(update, alpha=-group["lr"])
 
 

@@ -239,12 +239,16 @@ def _out_of_memory(tb):
     the stage's main() in the traceback `tb`), how much (peak and card memory), the command
     to rerun (--batch-size halved, the same tokens per step, or auto) and the newest
     checkpoint. The error stops the run before the optimizer step and before any save, so no
-    checkpoint is touched."""
+    checkpoint is touched; one still being written in the background is finished first."""
     import os
+    import threading
     import typing
 
     import torch
 
+    for thread in threading.enumerate():  # common.checkpoint.BackgroundSave: the newest one
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     where = {}
     while tb is not None:  # the innermost main() of a stage file (NN_name.py)
         code = tb.tb_frame.f_code

@@ -1,7 +1,10 @@
-"""Who this process is in a run of one or many (torchrun): stage 07's DDP set-up, and
-printing on rank 0 only."""
+"""Who this process is in a run of one or many (torchrun): stage 07's DDP set-up, its
+shutdown on every way out (ddp_exit), and printing on rank 0 only."""
 
 import os
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +51,54 @@ def setup_ddp(device):
         device = pick_device("cpu" if device == "auto" else device)
         dist.init_process_group(backend="gloo", **kw)
     return Dist(rank, local_rank, world_size, device, enabled=True)
+
+
+@contextmanager
+def ddp_exit():
+    """Around a stage's main under torchrun: every way out ends the process group, then the
+    process, with a meaningful exit code (without torchrun, i.e. no RANK: nothing changes).
+
+        if __name__ == "__main__":
+            with ddp_exit():
+                main(parse_args(Config))
+
+    - main returns: destroy_process_group() (torch's shutdown for the success path), exit 0;
+    - SystemExit(code), which every rank raises at the same step (preemption's 75 after
+      Run.stop's barrier; 1 after a failed save): destroy_process_group(), exit `code`;
+    - any other exception (a UserError on one rank, a dead peer's gloo error): printed as
+      usual (sys.excepthook: a UserError is one line), then exit 1 (130 for Ctrl-C) with no
+      collective call, as the peers may be gone: the process's connections close with it,
+      so the peers' pending collectives fail at once and they leave the same way.
+
+    The process then ends with os._exit, after flushing stdout and stderr, not through the
+    interpreter's teardown. Once DDP has wrapped a model, torch (2.13, gloo) keeps the
+    backend and its threads alive after destroy_process_group until the process ends; a
+    teardown racing those threads aborted a finished run now and then (`terminate called
+    without an active exception`, SIGABRT), which torchrun reports as a failed run.
+    Everything a run writes is on disk by then (Run.close; checkpoints and metrics.jsonl
+    are written whole), so there is nothing left for the teardown to do."""
+    if "RANK" not in os.environ:  # one process, no torchrun: exits as Python does
+        yield
+        return
+    collective = True  # whether every rank is here together
+    try:
+        yield
+        code = 0
+    except SystemExit as e:  # every rank, at the same step
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException as e:  # maybe this rank alone: no collective call
+        sys.excepthook(type(e), e, e.__traceback__)
+        code, collective = 130 if isinstance(e, KeyboardInterrupt) else 1, False
+    if collective and dist.is_initialized():
+        dist.destroy_process_group()
+    for thread in threading.enumerate():  # a checkpoint still being written in the background
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()  # (common.checkpoint.BackgroundSave): os._exit would cut it short
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print0(*args, **kwargs):

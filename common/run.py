@@ -44,8 +44,10 @@ The save before a stop, and the last one, wait until the file is written and ver
 import math
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -143,8 +145,11 @@ class Run:
                     raise error
             except Exception as e:  # UserError: one line; anything else keeps its traceback
                 error = e
-        if self.world_size > 1 and self._any(error is not None) and error is None:
-            raise SystemExit(1)  # rank 0 failed to save and says why
+        if self.world_size > 1:
+            if error is not None:
+                _say(error)  # before the others hear of it: torchrun ends all once one exits
+            if self._any(error is not None):
+                raise SystemExit(1)  # every rank: rank 0 failed to save and has said why
         if error:
             raise error
         return self.newest
@@ -208,9 +213,11 @@ class Run:
         error = self._saved() if self.master else None  # does not wait: a look at the thread
         flag = 2 if error else int(self.signal is not None)  # 2: a save failed; 1: a signal
         if self.world_size > 1:
+            if error is not None:
+                _say(error)  # before the others hear of it: torchrun ends all once one exits
             flag = self._max(flag)
         if flag == 2:
-            raise error or SystemExit(1)
+            raise SystemExit(1) if self.world_size > 1 else error
         self.stopping = flag == 1
         return self.stopping
 
@@ -255,6 +262,16 @@ class Run:
         self._handlers = {}
         if error:
             raise error
+
+
+def _say(error):
+    """An error as the command line shows it (common.cli): a UserError in one line, anything
+    else with its traceback."""
+    if isinstance(error, UserError):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(error)
+        sys.stderr.flush()
 
 
 def _distributed():

@@ -32,10 +32,11 @@ def micro(monkeypatch):
 
 
 def test_the_stage_reads_top_to_bottom():
-    """<= 250 lines, each modern change under its own heading, in the order the docstring
-    names them; the harness (table, noise line, JSON) is common/ablation.py's."""
+    """<= 280 lines (250 before ruff's own line breaks replaced the formatter markers), each
+    modern change under its own heading, in the order the docstring names them; the harness
+    (table, noise line, JSON) is common/ablation.py's."""
     src = (ROOT / "09_modern.py").read_text()
-    assert len(src.splitlines()) <= 250
+    assert len(src.splitlines()) <= 280
     at = [src.index(f"\n# --- {h}") for h in HEADINGS]
     assert at == sorted(at)
     assert (

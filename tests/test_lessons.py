@@ -36,10 +36,12 @@ LESSONS = {
     ),
     ("04_best_practices", "05_speedups"): (80, 'torch.set_float32_matmul_precision("high")'),
     # 06: + (issue 27) `--batch-size auto` (4 lines; 05 trains at one fixed batch, no accumulation)
-    ("05_speedups", "06_hyperparams"): (84, "math.cos(math.pi * progress)"),
+    # and (issue 29) ruff's own line breaks where a formatter marker kept a line whole (6 lines)
+    ("05_speedups", "06_hyperparams"): (90, "math.cos(math.pi * progress)"),
     # 07: DDP and validation, plus (issue 20) the shuffled order and (issue 19) a store per
-    # restart attempt: 218 lines where DDP + validation alone took 191
-    ("06_hyperparams", "07_ddp_fineweb"): (225, 'dist.init_process_group(backend="nccl"'),
+    # restart attempt: 218 lines where DDP + validation alone took 191; (issue 26) ddp_exit
+    # around main, (issue 27) auto for 07's GPUs, (issue 29) ruff's line breaks: 234
+    ("06_hyperparams", "07_ddp_fineweb"): (235, 'dist.init_process_group(backend="nccl"'),
 }
 ALSO = {  # more of each lesson's code that must be in its diff
     ("04_best_practices", "05_speedups"): [

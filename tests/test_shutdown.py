@@ -1,0 +1,118 @@
+"""Issue #26: every way out of a distributed run ends its process group and its process with a
+meaningful exit code, and nothing aborts at exit (common.distributed.ddp_exit).
+
+In this process, with a one-rank gloo group: the end, SystemExit (preemption's 75) and an
+error each give their exit code, with destroy_process_group where every rank is there and no
+collective call where one rank may be alone. With torchrun: a UserError on one rank, and a
+peer killed with kill -9, end every rank within seconds with exit code 1 (the finished,
+restarted run and preemption's 75 are test_faults' restart and SIGTERM tests)."""
+
+import os
+import re
+import signal
+import sys
+
+import pytest
+import torch.distributed as dist
+from test_faults import torchrun_07
+
+from common import UserError, cli
+from common.checkpoint import RunLock
+from common.distributed import ddp_exit
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads workers from /proc")
+
+
+class Exited(Exception):
+    """What os._exit(code) raises here instead of ending pytest."""
+
+
+@pytest.fixture
+def group(monkeypatch):
+    """A one-rank gloo process group in this process, as torchrun's worker RANK 0 (os._exit
+    raises Exited(code)); destroyed afterwards if the code under test left it."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "excepthook", cli._excepthook)  # as parse_args sets it
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(Exited(code)))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_code(body):
+    """Run body() inside ddp_exit(); the code it exits with."""
+    with pytest.raises(Exited) as e:
+        with ddp_exit():
+            body()
+    return e.value.args[0]
+
+
+def test_the_end_and_systemexit_destroy_the_group_and_exit_with_their_code(group):
+    assert exit_code(lambda: None) == 0
+    assert not dist.is_initialized()  # destroy_process_group ran
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert exit_code(lambda: sys.exit(75)) == 75  # preemption: every rank, after a barrier
+    assert not dist.is_initialized()
+
+
+def test_an_error_on_one_rank_is_one_line_exit_1_and_no_collective_call(group, capfd):
+    def refuse():
+        raise UserError("--out is taken")
+
+    assert exit_code(refuse) == 1
+    err = capfd.readouterr().err.splitlines()  # torch prefixes a rank's stderr: [rank0]:
+    assert len(err) == 1 and err[0].endswith("error: --out is taken"), err
+    assert dist.is_initialized()  # not destroyed: the peers may be gone (the OS ends it)
+
+
+def test_without_torchrun_it_changes_nothing(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="as raised"):
+        with ddp_exit():
+            raise UserError("as raised")
+    with pytest.raises(SystemExit) as e:
+        with ddp_exit():
+            sys.exit(75)
+    assert e.value.code == 75
+
+
+def exit_codes(text):
+    """The exit code of every failed worker in torchrun's summary ("exitcode  : 1 (pid: 7)")."""
+    return re.findall(r"exitcode\s+: (-?\d+) \(pid", text)
+
+
+@pytest.fixture(scope="module")
+def env(cache_env):
+    return {**cache_env, "OMP_NUM_THREADS": "1"}  # two workers on two cores
+
+
+def test_a_user_error_on_one_rank_ends_every_rank_with_exit_1(shards, env, tmp_path):
+    """--out is locked (by this process): rank 0 alone, the one writer, is refused with one
+    line. Rank 1 waits in its first collective until rank 0's connections close, then fails
+    too: both exit 1, at once (the watchdog's limit is far below gloo's 30-minute timeout)."""
+    out = tmp_path / "run"
+    lock = RunLock(out).acquire()
+    try:
+        rc, text = torchrun_07(shards, out, env, 0, lambda line, pids: None, limit=120)
+    finally:
+        lock.release()
+    assert rc != 0 and text.count(f"error: {out} is in use") == 1, text
+    assert exit_codes(text) and set(exit_codes(text)) == {"1"}, text  # no signal, no abort
+    assert "terminate called" not in text and "SIGABRT" not in text
+
+
+def test_a_dead_peer_ends_the_other_rank_with_exit_1(shards, env, tmp_path):
+    """kill -9 of rank 1 after step 5, no restarts: rank 0's next collective fails at once
+    (the connection closed) and it exits 1, without aborting; torchrun reports rank 1's -9."""
+    killed = []
+
+    def act(line, pids):
+        if not killed and line.startswith("step     5/"):
+            os.kill(pids()[1], signal.SIGKILL)
+            killed.append(1)
+
+    rc, text = torchrun_07(shards, tmp_path / "run", env, 0, act, limit=120)
+    assert rc != 0 and killed, text
+    assert sorted(exit_codes(text)) == ["-9", "1"], text  # rank 1 killed, rank 0 exit 1
+    assert "terminate called" not in text and "SIGABRT" not in text
