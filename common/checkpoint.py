@@ -429,7 +429,9 @@ class BackgroundSave:
     def __init__(self, path, state, ready, f, keep_last, verify):
         self.path, self.step, self.write_s, self.error = path, state["step"], None, None
         args = (state, ready, f, keep_last, verify)
-        self.thread = threading.Thread(target=self._run, args=args, name=f"save {path.name}")
+        self.thread = threading.Thread(
+            target=self._run, args=args, name=f"checkpoint writer {path.name}"
+        )
         self.thread.start()  # not a daemon: an ending process waits for the write to finish
 
     @classmethod

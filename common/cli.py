@@ -32,7 +32,7 @@ import sys
 import typing
 from pathlib import Path
 
-from common import UserError
+from common import UserError, finish_checkpoint_writes
 
 # The meaning of a number is the same in every stage, so its rule is keyed by the field's name:
 # "> 0", ">= 0", "(0, 1]", or a tuple of the allowed values. Fields ending in _every are >= 0
@@ -241,14 +241,11 @@ def _out_of_memory(tb):
     checkpoint. The error stops the run before the optimizer step and before any save, so no
     checkpoint is touched; one still being written in the background is finished first."""
     import os
-    import threading
     import typing
 
     import torch
 
-    for thread in threading.enumerate():  # common.checkpoint.BackgroundSave: the newest one
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    finish_checkpoint_writes()  # the newest checkpoint may be one still being written
     where = {}
     while tb is not None:  # the innermost main() of a stage file (NN_name.py)
         code = tb.tb_frame.f_code

@@ -3,13 +3,13 @@ shutdown on every way out (ddp_exit), and printing on rank 0 only."""
 
 import os
 import sys
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from common import finish_checkpoint_writes
 from common.device import pick_device
 
 
@@ -93,9 +93,7 @@ def ddp_exit():
         code, collective = 130 if isinstance(e, KeyboardInterrupt) else 1, False
     if collective and dist.is_initialized():
         dist.destroy_process_group()
-    for thread in threading.enumerate():  # a checkpoint still being written in the background
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()  # (common.checkpoint.BackgroundSave): os._exit would cut it short
+    finish_checkpoint_writes()  # one still being written: os._exit would cut it short
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

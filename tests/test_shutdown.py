@@ -66,6 +66,33 @@ def test_an_error_on_one_rank_is_one_line_exit_1_and_no_collective_call(group, c
     assert dist.is_initialized()  # not destroyed: the peers may be gone (the OS ends it)
 
 
+def test_a_checkpoint_being_written_is_finished_before_the_exit(group):
+    """os._exit would cut a background write short: ddp_exit joins the checkpoint writer
+    first, on every path (here a UserError, the path that makes no collective call), and no
+    other thread (a ThreadPoolExecutor's idle worker would never end)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    written, go = [], threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(go.wait)  # a non-daemon thread that ends only when the test says so
+
+    def write():
+        go.wait(timeout=60)  # released only after ddp_exit has begun joining
+        written.append("ckpt_000004.pt")
+
+    writer = threading.Thread(target=write, name="checkpoint writer ckpt_000004.pt")
+    writer.start()
+
+    def fail():
+        threading.Timer(0.0, go.set).start()  # the writer finishes while ddp_exit waits for it
+        raise UserError("a rank failed")
+
+    assert exit_code(fail) == 1
+    assert written == ["ckpt_000004.pt"] and not writer.is_alive()
+    pool.shutdown()
+
+
 def test_without_torchrun_it_changes_nothing(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(UserError, match="as raised"):
