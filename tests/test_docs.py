@@ -173,7 +173,12 @@ class Parsed(Exception):
 def parse_only(run, argv, monkeypatch, capsys):
     """Run `run()` (a script or module as __main__) with sys.argv = argv until it has parsed
     its flags; returns its error output if it refused them."""
-    real_cli, real_argparse, inside = common.cli.parse_args, argparse.ArgumentParser.parse_args, []
+    real_cli, inside = common.cli.parse_args, []
+    real_argparse, real_known = (
+        argparse.ArgumentParser.parse_args,
+        argparse.ArgumentParser.parse_known_args,
+    )
+    in_parse_args = []  # parse_args calls parse_known_args, then refuses what is left over
 
     def cli_parse(Config, args=None):
         inside.append(1)
@@ -184,13 +189,24 @@ def parse_only(run, argv, monkeypatch, capsys):
         raise Parsed(cfg)
 
     def argparse_parse(self, args=None, namespace=None):
-        ns = real_argparse(self, args, namespace)
+        in_parse_args.append(1)
+        try:
+            ns = real_argparse(self, args, namespace)
+        finally:
+            in_parse_args.pop()
         if inside:
             return ns
         raise Parsed(ns)
 
+    def argparse_known(self, args=None, namespace=None):  # a script that passes the rest on
+        found = real_known(self, args, namespace)
+        if inside or in_parse_args:
+            return found
+        raise Parsed(found)
+
     monkeypatch.setattr(common.cli, "parse_args", cli_parse)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", argparse_parse)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", argparse_known)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # parse_args sets its own
