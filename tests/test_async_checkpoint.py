@@ -33,36 +33,10 @@ SMALL = GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16,
 
 def args_07(shards, out, *more):
     """07 at its smallest: 6 steps of 2 x 16 tokens in float32, a checkpoint every 2."""
-    return [
-        "07_ddp_fineweb.py",
-        "--data-dir",
-        str(shards),
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--total-batch",
-        "32",
-        "--steps",
-        "6",
-        "--warmup-steps",
-        "2",
-        "--val-every",
-        "0",
-        "--sample-every",
-        "0",
-        "--ckpt-every",
-        "2",
-        "--dtype",
-        "float32",
-        "--out",
-        str(out),
-        *more,
-    ]
+    args = f"07_ddp_fineweb.py --data-dir {shards} --out {out} --preset tiny --device cpu"
+    args += " --batch-size 2 --seq-len 16 --total-batch 32 --steps 6 --warmup-steps 2"
+    args += " --val-every 0 --sample-every 0 --ckpt-every 2 --dtype float32"
+    return [*args.split(), *more]  # (pytest's tmp paths hold no spaces)
 
 
 @pytest.fixture

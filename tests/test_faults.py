@@ -47,38 +47,10 @@ STEPS = 10
 def args_07(shards, out, *more):
     """07 at its smallest: the tiny model, 2 x 16 tokens per rank, 10 steps in float32,
     a checkpoint every 4 steps, validation every 4 (val losses must match too)."""
-    return [
-        "07_ddp_fineweb.py",
-        "--data-dir",
-        str(shards),
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--total-batch",
-        "64",
-        "--steps",
-        str(STEPS),
-        "--warmup-steps",
-        "2",
-        "--val-every",
-        "4",
-        "--val-steps",
-        "1",
-        "--sample-every",
-        "0",
-        "--ckpt-every",
-        "4",
-        "--dtype",
-        "float32",
-        "--out",
-        str(out),
-        *more,
-    ]
+    args = f"07_ddp_fineweb.py --data-dir {shards} --out {out} --preset tiny --device cpu"
+    args += f" --batch-size 2 --seq-len 16 --total-batch 64 --steps {STEPS} --warmup-steps 2"
+    args += " --val-every 4 --val-steps 1 --sample-every 0 --ckpt-every 4 --dtype float32"
+    return [*args.split(), *more]  # (pytest's tmp paths hold no spaces)
 
 
 @pytest.fixture(scope="module")
