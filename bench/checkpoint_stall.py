@@ -1,7 +1,8 @@
 """How long a checkpoint stops the training loop: the blocking save (save_checkpoint, then
 pruning: what Run.save did before issue 28) against the background one (BackgroundSave:
 the loop waits for the host copy only), with a plain torch.save of the same state and a
-bare memcpy of the same bytes (the floor) side by side, in one process.
+bare memcpy of the same bytes (the floor) side by side, in one process; then the parts of
+a write, each timed alone (write_parts).
 
     python bench/checkpoint_stall.py --preset gpt2 --repeats 4 --out /tmp/stall
 
@@ -69,12 +70,14 @@ def main(cfg):
                 if (buf := buffers.get((v.device, s.data_ptr(), s.nbytes()))) is not None:
                     np.copyto(buf.numpy(), torch.empty(0, dtype=torch.uint8).set_(s).numpy())
         t5 = time.perf_counter()
+        parts = write_parts(job.path, state, out / "parts.pt")
         row = {
             "torch.save": t1 - t0,
             "blocking save": t2 - t1,
             "background stall": t3 - t2,
             "background write": job.write_s,
             "memcpy": t5 - t4,
+            **parts,
         }
         for k, v in row.items():
             times.setdefault(k, []).append(v)
@@ -87,6 +90,29 @@ def main(cfg):
     )
     shutil.rmtree(out, ignore_errors=True)
     return medians
+
+
+def write_parts(path, state, scratch):
+    """What a background write is made of, each timed alone on the same state: the nan/inf
+    check, the sha256, torch.save with and without the zip's CRC-32s (the write uses the
+    latter), and reading the file back to verify it, as a plain load and through mmap."""
+    times = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t
+
+    timed("nan/inf check", lambda: C.non_finite(state))
+    timed("sha256", lambda: C.content_hash(state))
+    with open(scratch, "wb") as f:
+        timed("torch.save with CRC", lambda: torch.save(state, f))
+    with open(scratch, "wb") as f:
+        timed("torch.save no CRC", lambda: C._save(state, f))
+    scratch.unlink()
+    timed("verify, plain load", lambda: C._read(path))
+    timed("verify, mmap", lambda: C.verify_checkpoint(path))
+    return times
 
 
 if __name__ == "__main__":

@@ -11,18 +11,22 @@ import os
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 
+from common import checkpoint
 from common.checkpoint import (
     TMP_RE,
+    BackgroundSave,
     checkpoint_state,
     content_hash,
     list_checkpoints,
     load_checkpoint,
+    save_checkpoint,
     snapshot,
     verify_checkpoint,
 )
@@ -71,6 +75,57 @@ def test_snapshot_copies_keep_shared_storage_and_reuse_their_buffers():
     again, reused, _ = snapshot(state, buffers)
     assert {id(b) for b in reused.values()} == {id(b) for b in buffers.values()}  # no new memory
     assert torch.equal(again["model"]["lm_head.weight"], model.lm_head.weight)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "set_crc32_options"), reason="torch < 2.6 writes CRCs"
+)
+def test_checkpoints_skip_the_zip_crc_and_still_load_and_verify(tmp_path):
+    """The zip's CRC-32s are not computed (our sha256 covers the same bytes); torch.load reads
+    the file as before, and torch.save elsewhere in the process still writes them."""
+    model = GPT(SMALL)
+    path = save_checkpoint(tmp_path, 1, model, SMALL)
+    with zipfile.ZipFile(path) as z:
+        records = [i for i in z.infolist() if i.file_size]
+    assert records and all(i.CRC == 0 for i in records)
+    assert torch.serialization.get_crc32_options()  # the process-wide setting was put back
+    torch.save({"w": torch.ones(3)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z:
+        assert z.testzip() is None  # every CRC present and right
+    assert verify_checkpoint(path) is None
+    assert torch.equal(load_checkpoint(path)["model"]["lm_head.weight"], model.lm_head.weight)
+
+
+def test_verify_reads_a_file_torch_cannot_map_as_torch_load_does(tmp_path):
+    """verify_checkpoint maps the file (no copy of its size); a file in torch's legacy
+    (non-zip) format cannot be mapped, and is judged by a plain load instead."""
+    state = checkpoint_state(1, GPT(SMALL), SMALL)
+    state["sha256"] = content_hash(state)
+    path = tmp_path / "ckpt_000001.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert verify_checkpoint(path) is None
+    state["step"] = 2  # content no longer matches its checksum
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert verify_checkpoint(path).startswith("fails its checksum")
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(), reason="not Linux"
+)
+def test_a_written_checkpoint_leaves_the_page_cache(tmp_path, monkeypatch):
+    """After the write, fsync, rename (and verify), the thread tells the kernel to drop the
+    file's cached pages: the next write reuses them, and the data shards keep the cache."""
+    calls, fadvise = [], os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(checkpoint.os, "posix_fadvise", record)
+    job, _ = BackgroundSave.begin(tmp_path, 3, GPT(SMALL), SMALL, verify=True)
+    path = job.wait()
+    assert calls == [(str(path), 0, 0, os.POSIX_FADV_DONTNEED)]
+    assert verify_checkpoint(path) is None
 
 
 def test_kill_during_the_background_write_keeps_earlier_checkpoints_and_resumes(
