@@ -154,12 +154,7 @@ def _read(path, map_location="cpu", allow=(), mmap=False):
     pages, not copies: reading a checkpoint to check it then allocates nothing of its size."""
     try:
         with torch.serialization.safe_globals(list(allow)):
-            try:
-                state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-            except Exception:
-                if not mmap:
-                    raise
-                state = torch.load(path, map_location=map_location, weights_only=True)
+            state = _load(path, map_location, mmap)
     except Exception as e:  # truncated, damaged, foreign, or more than plain values
         if need := _unsafe_globals(path):
             if need <= OLD_FORMAT:
@@ -180,10 +175,19 @@ def _read(path, map_location="cpu", allow=(), mmap=False):
     return state, None
 
 
+def _load(path, map_location, mmap):
+    """torch.load(weights_only=True), through mmap when asked and torch can map the file."""
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except Exception:  # not mappable (torch's legacy format, no mmap here): load it plainly
+            pass
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def verify_checkpoint(path):
     """None when the checkpoint at `path` reads, verifies and has finite weights, else why not.
-    (Read through mmap, and again without it where that fails, so a file torch cannot map is
-    judged as torch.load judges it.)"""
+    Read through mmap: the file's pages are hashed in place, not copied first."""
     return _read(path, mmap=True)[1]
 
 
