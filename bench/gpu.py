@@ -5,7 +5,10 @@ Parts (--parts, comma separated; all by default):
   train      stage 07's real training step (its own main: shards, forward, backward, clip,
              fused AdamW, accumulation as configured) at each --batch-sizes: median ms/step
              after the compile warm-up, tokens/s, MFU against the datasheet peak and
-             against a bf16 matmul peak measured in this run, peak memory
+             against a bf16 matmul peak measured in this run, peak memory allocated and
+             reserved, and common.plan's estimate beside it
+  auto       stage 07 with --batch-size auto under each --auto-caps (GiB): the B it picks,
+             no out of memory after, the peaks and the estimate
   hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
   hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
   generate   KV-cache vs no-cache vs transformers generation (bench/generate_speed.py)
@@ -21,9 +24,9 @@ cut off by a time limit still leaves what it measured.
 
     python bench/gpu_data.py --out bench_data                  # here, once; carry bench_data
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts train,hf,hellaswag,generate --json $OUT/gpu_a.json   # GPU, first call
+        --parts train,auto --json $OUT/gpu_a.json                    # GPU, first call (issue 30)
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts stages --json $OUT/gpu_b.json                          # GPU, second call
+        --parts hf,hellaswag,generate,stages --json $OUT/gpu_b.json  # GPU, second (issue 31)
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
@@ -44,20 +47,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import UserError, bench
+from common import UserError, bench, plan
 from common.cli import parse_args
+from common.metrics import read_run_header
 from common.model import GPT, preset_config
 from common.device import pick_device
 
 
-PARTS = ("train", "hf", "hellaswag", "generate", "stages")
+PARTS = ("train", "auto", "hf", "hellaswag", "generate", "stages")
 
 
 @dataclass
 class Config:
     device: str = "cuda"  # the GPU to measure (cpu for a dry run)
     preset: str = "gpt2"  # model size
-    batch_sizes: str = "16,32,64"  # micro-batch sizes for the training throughput
+    batch_sizes: str = "8,16,32,64"  # micro-batch sizes for the training throughput
+    auto_caps: str = "16,24,40"  # GiB: memory caps to run --batch-size auto under
     seq_len: int = 1024  # tokens per sequence
     total_batch: int = 524288  # tokens per optimizer step (stage 07's default)
     steps: int = 12  # optimizer steps per training run; the first 2 (compile) are not counted
@@ -76,6 +81,27 @@ def load(path):
     return module
 
 
+def config_07(s07, cfg, device, out, **more):
+    """Stage 07's Config for a measurement: this script's model and batch, no evaluation, one
+    checkpoint kept; compiled on a GPU (on a CPU dry run compiling only costs time)."""
+    return replace(
+        s07.Config(),
+        device=device,
+        preset=cfg.preset,
+        data_dir=cfg.data_dir,
+        seq_len=cfg.seq_len,
+        total_batch=cfg.total_batch,
+        val_every=0,
+        sample_every=0,
+        hellaswag_every=0,
+        ckpt_every=0,
+        keep_last=1,
+        compile=str(device).startswith("cuda"),
+        out=str(out),
+        **more,
+    )
+
+
 def measure_train(cfg, device, tmp):
     s07 = load("07_ddp_fineweb.py")
     measured_peak = bench.measure_peak(device)
@@ -83,25 +109,7 @@ def measure_train(cfg, device, tmp):
     rows = []
     for B in [int(b) for b in cfg.batch_sizes.split(",")]:
         out = Path(tmp) / f"train_b{B}"
-        c = replace(
-            s07.Config(),
-            device=device,
-            preset=cfg.preset,
-            data_dir=cfg.data_dir,
-            batch_size=B,
-            seq_len=cfg.seq_len,
-            total_batch=cfg.total_batch,
-            steps=cfg.steps,
-            warmup_steps=2,
-            val_every=0,
-            sample_every=0,
-            hellaswag_every=0,
-            ckpt_every=0,
-            keep_last=1,
-            out=str(out),
-        )
-        if str(device) == "cpu":
-            c = replace(c, compile=False)  # compiling on a CPU dry run only costs time
+        c = config_07(s07, cfg, device, out, batch_size=B, steps=cfg.steps, warmup_steps=2)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         s07.main(c)
@@ -122,9 +130,8 @@ def measure_train(cfg, device, tmp):
                 mfu_datasheet=flops * tps / datasheet if datasheet else None,
                 mfu_measured=flops * tps / measured_peak,
                 measured_peak_tflops=measured_peak / 1e12,
-                peak_mb=torch.cuda.max_memory_allocated(device) / 2**20
-                if device.startswith("cuda")
-                else None,
+                **peaks(device),
+                plan_mb=plan_mb(cfg, B, compiled=c.compile),
             )
         )
         print(
@@ -132,6 +139,54 @@ def measure_train(cfg, device, tmp):
             f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
             f"{rows[-1]['mfu_measured']:.1%} (measured peak {measured_peak / 1e12:.3g} TFLOP/s)"
         )
+    return rows
+
+
+def peaks(device):
+    """max_memory_allocated and max_memory_reserved since the last reset, in MiB (a GPU's)."""
+    if not str(device).startswith("cuda"):
+        return dict(peak_mb=None, reserved_mb=None)
+    return dict(
+        peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+        reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+    )
+
+
+def plan_mb(cfg, B, compiled):
+    """What `python -m common.plan` estimates for that step's peak, in MiB."""
+    config = plan.model_config(cfg.preset)
+    return plan.estimate(config, B, cfg.seq_len, compiled=compiled)["peak"] / 2**20
+
+
+def measure_auto(cfg, device, tmp):
+    """Stage 07 with `--batch-size auto` under each cap in --auto-caps (GiB, a smaller card
+    emulated with torch.cuda.set_per_process_memory_fraction): the B it picks, whether a
+    few real steps then run without running out of memory, and the peaks. On a CPU dry run:
+    once, uncapped (auto is then the CPU default)."""
+    s07 = load("07_ddp_fineweb.py")
+    cuda = str(device).startswith("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    rows = []
+    for cap in [float(x) for x in cfg.auto_caps.split(",")] if cuda else [None]:
+        out = Path(tmp) / f"auto_{cap}"
+        c = config_07(s07, cfg, device, out, batch_size="auto", steps=3, warmup_steps=1)
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        row = dict(cap_gib=cap, batch_size=None, error="")
+        try:
+            s07.main(c)
+            row["batch_size"] = read_run_header(out)["config"]["batch_size"]
+        except (UserError, torch.OutOfMemoryError) as e:
+            row["error"] = str(e).splitlines()[0]
+        finally:
+            if cuda:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+        rows.append({**row, **peaks(device)})
+        if row["batch_size"]:
+            rows[-1]["plan_mb"] = plan_mb(cfg, row["batch_size"], compiled=c.compile)
+        print(f"auto under {cap} GiB: B={row['batch_size']} {row['error']}".rstrip())
     return rows
 
 
@@ -337,6 +392,8 @@ def main(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in parts:
             save("train", measure_train(cfg, device, tmp))
+        if "auto" in parts:
+            save("auto", measure_auto(cfg, device, tmp))
         if "hf" in parts:
             save("hf", measure_hf(cfg, device))
         if "hellaswag" in parts:

@@ -304,7 +304,11 @@ def fit_batch_size(cfg, device, world_size=1):
     if not str(device).startswith("cuda"):
         return replace(cfg, batch_size=type(cfg).cpu["batch_size"])
     props = torch.cuda.get_device_properties(device)
-    B = auto_batch_size(cfg, device, props.total_memory, world_size, props.name)
+    memory, card = props.total_memory, props.name
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.9+
+    if get_fraction and (share := get_fraction(device)) < 1:  # a cap this process was given
+        memory, card = memory * share, f"{card} capped at {share:.0%}"
+    B = auto_batch_size(cfg, device, memory, world_size, card)
     if world_size > 1:  # every rank must train at the same B
         t = torch.tensor(B, device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)

@@ -1,4 +1,7 @@
-"""bench/gpu_data.py: the carried inputs of the GPU proof (issue 13), at a tiny size."""
+"""bench/gpu_data.py: the carried inputs of the GPU proof (issue 13), at a tiny size; and
+bench/gpu.py's training parts, dry-run on the CPU."""
+
+import json
 
 import numpy as np
 import pytest
@@ -43,3 +46,33 @@ def test_refuses_what_cannot_work(gpu_data, tmp_path, monkeypatch):
     )
     with pytest.raises(UserError, match="more than the 64 MiB"):
         gpu_data.main(cfg)
+
+
+def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
+    """bench/gpu.py's training parts at the tiny size on the CPU, as its docstring's dry run:
+    one row per B with the planner's estimate beside it, and auto's pick (the CPU default)."""
+    gpu = load_stage("bench/gpu")
+    cfg = gpu.Config(
+        device="cpu",
+        preset="tiny",
+        batch_sizes="1,2",
+        seq_len=32,
+        total_batch=256,  # auto's CPU default, B=8, fits it once
+        steps=3,
+        data_dir=str(shards),
+        parts="train,auto",
+        json=str(tmp_path / "gpu.json"),
+    )
+    result = gpu.main(cfg)
+    assert json.loads((tmp_path / "gpu.json").read_text())["train"] == result["train"]
+    train, auto = result["train"], result["auto"]
+    assert [r["batch_size"] for r in train] == [1, 2]
+    assert [r["accum_steps"] for r in train] == [8, 4]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mb"] is None for r in train)
+    assert 0 < train[0]["plan_mb"] < train[1]["plan_mb"]  # more tokens, more activations
+    s07 = load_stage("07_ddp_fineweb")
+    assert [(r["cap_gib"], r["batch_size"], r["error"]) for r in auto] == [
+        (None, s07.Config.cpu["batch_size"], "")
+    ]
+    with pytest.raises(UserError, match="unknown --parts levers; choose from train,auto"):
+        gpu.main(gpu.Config(device="cpu", parts="levers"))

@@ -183,6 +183,23 @@ def test_auto_halves_on_out_of_memory_and_says_so(monkeypatch, capsys):
         plan.auto_batch_size(cfg, "cpu", memory=64 * GiB)
 
 
+def test_auto_on_a_gpu_plans_for_the_share_of_memory_the_process_may_use(monkeypatch):
+    """Under torch.cuda.set_per_process_memory_fraction (a smaller card, emulated), auto plans
+    for that share of the card, not all of it; without a cap, for the whole card."""
+    s07 = load_stage("07_ddp_fineweb")
+    card = type("Props", (), {"total_memory": 80 * GiB, "name": "NVIDIA H100 80GB HBM3"})
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    monkeypatch.setattr(plan, "auto_batch_size", lambda *a: asked.append(a) or 16)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.3, False)
+    assert plan.fit_batch_size(s07.Config(), "cuda:0").batch_size == 16
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0, False)
+    plan.fit_batch_size(s07.Config(), "cuda:0")
+    (capped, whole) = [(memory, name) for _, _, memory, _, name in asked]
+    assert capped == (0.3 * 80 * GiB, "NVIDIA H100 80GB HBM3 capped at 30%")
+    assert whole == (80 * GiB, "NVIDIA H100 80GB HBM3")
+
+
 def test_auto_on_a_cpu_is_the_cpu_default_and_a_number_is_kept():
     s07 = load_stage("07_ddp_fineweb")
     assert plan.fit_batch_size(s07.Config(), "cpu").batch_size == s07.Config.cpu["batch_size"]
