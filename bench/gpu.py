@@ -230,131 +230,44 @@ def run_stage(label, args, timeout=600):
 def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if any(" " in str(path) for path in (cfg.text, cfg.data_dir, cfg.hellaswag_data, tmp)):
+        raise UserError("the stages part splits its command lines on spaces: give paths without")
     p = preset_config(cfg.preset)
     hf_dir = Path(tmp) / "hf_random"
     GPT2LMHeadModel(
         GPT2Config(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, n_positions=p.block_size)
     ).save_pretrained(hf_dir)
-    size = ["--device", device, "--preset", cfg.preset]
-    T = str(min(cfg.seq_len, p.block_size))
-    runs = [
-        ["00_model.py", *size],
-        ["01_hf_eval.py", "--device", device, "--model", str(hf_dir)],
-        ["02_overfit_batch.py", *size, "--input", cfg.text, "--steps", "20"],
-        ["03_dataloader.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
-        ["04_best_practices.py", *size, "--input", cfg.text, "--steps", "10", "--seq-len", T],
-        [
-            "05_speedups.py",
-            *size,
-            "--input",
-            cfg.text,
-            "--steps",
-            "10",
-            "--seq-len",
-            T,
-            "--timed",
-            "6",
-        ],
-        [
-            "06_hyperparams.py",
-            *size,
-            "--input",
-            cfg.text,
-            "--steps",
-            "4",
-            "--seq-len",
-            T,
-            "--warmup-steps",
-            "2",
-            "--total-batch",
-            str(cfg.total_batch),
-        ],
-        [
-            "07_ddp_fineweb.py",
-            *size,
-            "--data-dir",
-            cfg.data_dir,
-            "--steps",
-            "6",
-            "--seq-len",
-            T,
-            "--warmup-steps",
-            "2",
-            "--total-batch",
-            str(cfg.total_batch),
-            "--val-every",
-            "3",
-            "--sample-every",
-            "5",
-            "--hellaswag-every",
-            "5",
-            "--hellaswag-data",
-            cfg.hellaswag_data,
-            "--out",
-            str(Path(tmp) / "stage07"),
-        ],
-        [
-            "08_hellaswag.py",
-            "--device",
-            device,
-            "--model",
-            str(hf_dir),
-            "--data",
-            cfg.hellaswag_data,
-            "--compare-hf",
-        ],
-        [
-            "09_modern.py",
-            *size,
-            "--input",
-            cfg.text,
-            "--steps",
-            "4",
-            "--seq-len",
-            T,
-            "--warmup-steps",
-            "2",
-            "--seeds",
-            "1",
-            "--val-steps",
-            "2",
-            "--out",
-            str(Path(tmp) / "stage09"),
-        ],
+    size = f"--device {device} --preset {cfg.preset}"
+    T, text, B = min(cfg.seq_len, p.block_size), cfg.text, cfg.total_batch
+    h = f"--hellaswag-data {cfg.hellaswag_data}"
+    lines = [  # one stage a line, at its GPU defaults but for a few steps
+        f"00_model.py {size}",
+        f"01_hf_eval.py --device {device} --model {hf_dir}",
+        f"02_overfit_batch.py {size} --input {text} --steps 20",
+        f"03_dataloader.py {size} --input {text} --steps 10 --seq-len {T}",
+        f"04_best_practices.py {size} --input {text} --steps 10 --seq-len {T}",
+        f"05_speedups.py {size} --input {text} --steps 10 --seq-len {T} --timed 6",
+        f"06_hyperparams.py {size} --input {text} --steps 4 --seq-len {T} --warmup-steps 2"
+        f" --total-batch {B}",
+        f"07_ddp_fineweb.py {size} --data-dir {cfg.data_dir} --steps 6 --seq-len {T}"
+        f" --warmup-steps 2 --total-batch {B} --val-every 3 --sample-every 5"
+        f" --hellaswag-every 5 {h} --out {Path(tmp) / 'stage07'}",
+        f"08_hellaswag.py --device {device} --model {hf_dir} --data {cfg.hellaswag_data}"
+        " --compare-hf",
+        f"09_modern.py {size} --input {text} --steps 4 --seq-len {T} --warmup-steps 2"
+        f" --seeds 1 --val-steps 2 --out {Path(tmp) / 'stage09'}",
     ]
     # 07 as the real run starts it: torchrun (NCCL on a GPU), a checkpoint every 2 steps,
     # then --resume to 6 steps with --allow-config-change (steps is a resume key)
-    ddp = [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        "07_ddp_fineweb.py",
-        *size,
-        "--data-dir",
-        cfg.data_dir,
-        "--seq-len",
-        T,
-        "--warmup-steps",
-        "2",
-        "--total-batch",
-        str(cfg.total_batch),
-        "--val-every",
-        "2",
-        "--sample-every",
-        "0",
-        "--ckpt-every",
-        "2",
-        "--hellaswag-every",
-        "3",
-        "--hellaswag-data",
-        cfg.hellaswag_data,
-        "--out",
-        str(Path(tmp) / "stage07_ddp"),
-    ]
-    runs = [(args[0], args) for args in runs] + [
-        ("07 torchrun", [*ddp, "--steps", "4"]),
-        ("07 torchrun --resume", [*ddp, "--steps", "6", "--resume", "--allow-config-change"]),
+    ddp = (
+        "-m torch.distributed.run --standalone --nproc_per_node=1 07_ddp_fineweb.py"
+        f" {size} --data-dir {cfg.data_dir} --seq-len {T} --warmup-steps 2 --total-batch {B}"
+        f" --val-every 2 --sample-every 0 --ckpt-every 2 --hellaswag-every 3 {h}"
+        f" --out {Path(tmp) / 'stage07_ddp'}"
+    )
+    runs = [(line.split()[0], line.split()) for line in lines] + [  # (paths hold no spaces)
+        ("07 torchrun", f"{ddp} --steps 4".split()),
+        ("07 torchrun --resume", f"{ddp} --steps 6 --resume --allow-config-change".split()),
     ]
     rows = []
     for label, args in runs:
