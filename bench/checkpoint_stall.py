@@ -7,7 +7,9 @@ a write, each timed alone (write_parts).
     python bench/checkpoint_stall.py --preset gpt2 --repeats 4 --out /tmp/stall
 
 The state is stage 07's: the model (vocab 50304, tied weights) and its AdamW moments after
-one step, the RNG states; B=1, T=64 on the CPU. Prints one line per round, then medians."""
+one step, the RNG states; B=1, T=64, on the CPU or with --device cuda on a GPU (the stall
+then includes the copy to pinned host memory, synchronized). Prints one line per round,
+then medians."""
 
 import shutil
 import statistics
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import checkpoint as C
 from common.cli import parse_args
+from common.device import pick_device, synchronize
 from common.model import GPT, preset_config
 from common.train import make_optimizer
 
@@ -30,6 +33,7 @@ from common.train import make_optimizer
 @dataclass
 class Config:
     preset: str = "gpt2"  # model size
+    device: str = "cpu"  # where the model trains: cpu, or cuda (the copy goes to pinned memory)
     repeats: int = 4  # rounds; the first background round also allocates the host copy
     out: str = "/tmp/checkpoint_stall"  # scratch directory (deleted at the end)
 
@@ -38,9 +42,10 @@ def main(cfg):
     config = preset_config(
         cfg.preset, tie_weights=True, gpt2_init=True, attn="sdpa", vocab_size=50304
     )
-    model = GPT(config)
-    optimizer = make_optimizer(model, 0.1, 6e-4, "cpu")
-    x = torch.randint(0, 50257, (1, 64))
+    device = pick_device(cfg.device)
+    model = GPT(config).to(device)
+    optimizer = make_optimizer(model, 0.1, 6e-4, device)
+    x = torch.randint(0, 50257, (1, 64), device=device)
     model(x, x)[1].backward()
     optimizer.step()
     out = Path(cfg.out)
@@ -61,6 +66,7 @@ def main(cfg):
         job, buffers = C.BackgroundSave.begin(
             out / "background", r + 1, model, config, 3, False, buffers, **extra()
         )
+        synchronize(device)  # on a GPU: the copy is queued before the next step's kernels
         t3 = time.perf_counter()
         job.wait()
         state = C.checkpoint_state(r + 1, model, config, **extra())
@@ -68,9 +74,14 @@ def main(cfg):
         for _, v in C._leaves(state):  # the same bytes into the same buffers, nothing else
             if isinstance(v, torch.Tensor) and (s := v.untyped_storage()).nbytes():
                 if (buf := buffers.get((v.device, s.data_ptr(), s.nbytes()))) is not None:
-                    np.copyto(buf.numpy(), torch.empty(0, dtype=torch.uint8).set_(s).numpy())
+                    raw = torch.empty(0, dtype=torch.uint8, device=v.device).set_(s)
+                    if v.device.type == "cpu":  # as snapshot copies: a plain memcpy
+                        np.copyto(buf.numpy(), raw.numpy())
+                    else:
+                        buf.copy_(raw, non_blocking=True)
+        synchronize(device)
         t5 = time.perf_counter()
-        parts = write_parts(job.path, state, out / "parts.pt")
+        parts = write_parts(job.path, C.snapshot(state, buffers)[0], out / "parts.pt")
         row = {
             "torch.save": t1 - t0,
             "blocking save": t2 - t1,

@@ -9,6 +9,7 @@ Parts (--parts, comma separated; all by default):
              reserved, and common.plan's estimate beside it
   auto       stage 07 with --batch-size auto under each --auto-caps (GiB): the B it picks,
              no out of memory after, the peaks and the estimate
+  checkpoint a checkpoint's stall and write, background vs blocking (bench/checkpoint_stall.py)
   hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
   hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
   generate   KV-cache vs no-cache vs transformers generation (bench/generate_speed.py)
@@ -26,7 +27,7 @@ cut off by a time limit still leaves what it measured.
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
         --parts train,auto --json $OUT/gpu_a.json                    # GPU, first call (issue 30)
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts hf,hellaswag,generate,stages --json $OUT/gpu_b.json  # GPU, second (issue 31)
+        --parts checkpoint,hf,hellaswag,generate,stages --json $OUT/gpu_b.json    # (issue 31)
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
@@ -54,7 +55,7 @@ from common.model import GPT, preset_config
 from common.device import pick_device
 
 
-PARTS = ("train", "auto", "hf", "hellaswag", "generate", "stages")
+PARTS = ("train", "auto", "checkpoint", "hf", "hellaswag", "generate", "stages")
 
 
 @dataclass
@@ -307,6 +308,10 @@ def main(cfg):
             save("train", measure_train(cfg, device, tmp))
         if "auto" in parts:
             save("auto", measure_auto(cfg, device, tmp))
+        if "checkpoint" in parts:
+            stall = load("bench/checkpoint_stall.py")
+            c = stall.Config(preset=cfg.preset, device=device, repeats=3, out=f"{tmp}/stall")
+            save("checkpoint", stall.main(c))
         if "hf" in parts:
             save("hf", measure_hf(cfg, device))
         if "hellaswag" in parts:

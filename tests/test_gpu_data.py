@@ -49,8 +49,9 @@ def test_refuses_what_cannot_work(gpu_data, tmp_path, monkeypatch):
 
 
 def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
-    """bench/gpu.py's training parts at the tiny size on the CPU, as its docstring's dry run:
-    one row per B with the planner's estimate beside it, and auto's pick (the CPU default)."""
+    """bench/gpu.py's training and checkpoint parts at the tiny size on the CPU, as its
+    docstring's dry run: one row per B with the planner's estimate beside it, auto's pick
+    (the CPU default), a checkpoint's stall against a blocking save."""
     gpu = load_stage("bench/gpu")
     cfg = gpu.Config(
         device="cpu",
@@ -60,7 +61,7 @@ def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
         total_batch=256,  # auto's CPU default, B=8, fits it once
         steps=3,
         data_dir=str(shards),
-        parts="train,auto",
+        parts="train,auto,checkpoint",
         json=str(tmp_path / "gpu.json"),
     )
     result = gpu.main(cfg)
@@ -74,5 +75,7 @@ def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
     assert [(r["cap_gib"], r["batch_size"], r["error"]) for r in auto] == [
         (None, s07.Config.cpu["batch_size"], "")
     ]
+    stall = result["checkpoint"]  # medians of bench/checkpoint_stall.py, at the tiny size
+    assert 0 < stall["background stall"] < stall["blocking save"] and stall["sha256"] > 0
     with pytest.raises(UserError, match="unknown --parts levers; choose from train,auto"):
         gpu.main(gpu.Config(device="cpu", parts="levers"))
