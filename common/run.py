@@ -231,7 +231,9 @@ class Run:
             f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
             f"{PREEMPTED}; run the same command with --resume auto to continue"
         )
-        self.close()
+        # under torchrun, once one rank has left with 75 torchrun sends SIGTERM to the rest:
+        # from here on a stop signal would only turn this rank's 75 into -15, so it is ignored
+        self.close(leaving=_distributed())
         if _distributed():
             dist.destroy_process_group()
         raise SystemExit(PREEMPTED)
@@ -251,14 +253,16 @@ class Run:
         t, s = self._eta_from
         return (now - t) / (step - s) * (self.cfg.steps - step - 1)
 
-    def close(self):
+    def close(self, leaving=False):
+        """Wait for the save in flight, close metrics.jsonl, free --out, and put the signal
+        handlers back (`leaving`: ignore stop signals instead, as the process is ending)."""
         error = self._saved(wait=True)  # no thread writes into --out once its lock is free
         if self.metrics:
             self.metrics.close()
         if self.lock:
             self.lock.release()
         for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if leaving else handler)
         self._handlers = {}
         if error:
             raise error

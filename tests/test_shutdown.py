@@ -4,8 +4,11 @@ meaningful exit code, and nothing aborts at exit (common.distributed.ddp_exit).
 In this process, with a one-rank gloo group: the end, SystemExit (preemption's 75) and an
 error each give their exit code, with destroy_process_group where every rank is there and no
 collective call where one rank may be alone. With torchrun: a UserError on one rank, and a
-peer killed with kill -9, end every rank within seconds with exit code 1 (the finished,
-restarted run and preemption's 75 are test_faults' restart and SIGTERM tests)."""
+peer killed with kill -9, end every rank within seconds, the failing rank (or the survivor)
+with exit code 1 (the finished, restarted run and preemption's 75 are test_faults' restart
+and SIGTERM tests). A rank that
+has failed on its own, or that torchrun stopped with SIGTERM once another had failed, are
+both meaningful ends; an abort (-6, `terminate called`) or a hang never is."""
 
 import os
 import re
@@ -14,7 +17,8 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from test_faults import torchrun_07
+from conftest import load_stage
+from test_faults import small_07, torchrun_07
 
 from common import UserError, cli
 from common.checkpoint import RunLock
@@ -93,6 +97,36 @@ def test_a_checkpoint_being_written_is_finished_before_the_exit(group):
     pool.shutdown()
 
 
+def test_a_rank_leaving_with_75_ignores_further_stop_signals(shards, tmp_path, monkeypatch):
+    """Under torchrun, once one rank has left with 75 torchrun sends SIGTERM to the others,
+    which are leaving too: Run.stop then sets stop signals to be ignored rather than put
+    back, so that SIGTERM cannot turn their 75 into -15. (In this process, as a one-rank
+    group; without a process group the handlers are put back: test_faults.)"""
+    from common import run as run_module
+
+    s07 = load_stage("07_ddp_fineweb")
+    log = run_module.Run.log
+
+    def log_and_signal(self, **record):  # SIGUSR1 arrives during step 1
+        log(self, **record)
+        if record.get("split") == "train" and record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(run_module.Run, "log", log_and_signal)
+    before = {sig: signal.getsignal(sig) for sig in run_module.STOP_SIGNALS}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit) as e:
+            s07.main(small_07(s07, shards, tmp_path / "run"))
+        assert e.value.code == 75 and not dist.is_initialized()  # Run.stop destroyed it
+        assert {signal.getsignal(sig) for sig in before} == {signal.SIG_IGN}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_without_torchrun_it_changes_nothing(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(UserError, match="as raised"):
@@ -109,6 +143,12 @@ def exit_codes(text):
     return re.findall(r"exitcode\s+: (-?\d+) \(pid", text)
 
 
+def rank_exit_codes(text):
+    """{rank: exit code} of every failed worker in torchrun's summary."""
+    found = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", text)
+    return {int(rank): code for rank, code in found}
+
+
 @pytest.fixture(scope="module")
 def env(cache_env):
     return {**cache_env, "OMP_NUM_THREADS": "1"}  # two workers on two cores
@@ -116,8 +156,11 @@ def env(cache_env):
 
 def test_a_user_error_on_one_rank_ends_every_rank_with_exit_1(shards, env, tmp_path):
     """--out is locked (by this process): rank 0 alone, the one writer, is refused with one
-    line. Rank 1 waits in its first collective until rank 0's connections close, then fails
-    too: both exit 1, at once (the watchdog's limit is far below gloo's 30-minute timeout)."""
+    line and exits 1. Rank 1 waits in its first collective until rank 0's connections close,
+    then fails too (exit 1), unless torchrun, which sends SIGTERM to the other workers once
+    one has failed, reaches it first (-15, before its signal handlers are set): which one
+    comes first is a race between gloo and torchrun's monitor, and both end it at once (the
+    watchdog's limit is far below gloo's 30-minute timeout). Neither ever aborts."""
     out = tmp_path / "run"
     lock = RunLock(out).acquire()
     try:
@@ -125,7 +168,8 @@ def test_a_user_error_on_one_rank_ends_every_rank_with_exit_1(shards, env, tmp_p
     finally:
         lock.release()
     assert rc != 0 and text.count(f"error: {out} is in use") == 1, text
-    assert exit_codes(text) and set(exit_codes(text)) == {"1"}, text  # no signal, no abort
+    codes = rank_exit_codes(text)
+    assert codes.get(0) == "1" and codes.get(1) in ("1", "-15"), text  # no abort (-6)
     assert "terminate called" not in text and "SIGABRT" not in text
 
 
