@@ -226,14 +226,14 @@ class Run:
         PREEMPTED (75). The same command (with --resume auto) continues exactly."""
         if self.world_size > 1:
             dist.barrier()  # no rank leaves before the checkpoint is on disk
+        # under torchrun, once one rank has left with 75 torchrun sends SIGTERM to the rest:
+        # from here on a stop signal would only turn this rank's 75 into -15, so it is ignored
+        self.close(leaving=_distributed())
         name = signal.Signals(self.signal).name if self.signal else "a signal to another rank"
         print0(
             f"stopped by {name} at step {step}, checkpoint {self.newest}: exit code "
             f"{PREEMPTED}; run the same command with --resume auto to continue"
         )
-        # under torchrun, once one rank has left with 75 torchrun sends SIGTERM to the rest:
-        # from here on a stop signal would only turn this rank's 75 into -15, so it is ignored
-        self.close(leaving=_distributed())
         if _distributed():
             dist.destroy_process_group()
         raise SystemExit(PREEMPTED)
