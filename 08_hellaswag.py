@@ -45,7 +45,7 @@ from common.hellaswag import (
     protocols,
 )
 from common.hf import from_pretrained
-from common.distributed import print0, setup_ddp
+from common.distributed import ddp_exit, print0, setup_ddp
 from common.train import seed_all
 
 
@@ -169,4 +169,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(Config))
+    with ddp_exit():  # under torchrun: ends the process group and the process on every path
+        main(parse_args(Config))

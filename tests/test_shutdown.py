@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from conftest import load_stage
+from conftest import ROOT, load_stage
 from test_faults import small_07, torchrun_07
 
 from common import UserError, cli
@@ -125,6 +125,18 @@ def test_a_rank_leaving_with_75_ignores_further_stop_signals(shards, tmp_path, m
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_every_stage_that_runs_under_torchrun_exits_through_ddp_exit():
+    """A stage that joins a process group (setup_ddp) runs its main inside ddp_exit: 08
+    did not, and one of its two ranks aborted at exit (`terminate called without an active
+    exception`) in a fresh-clone CI run, as 07's did before ddp_exit."""
+    stages = sorted(ROOT.glob("[0-9][0-9]_*.py"))
+    under_torchrun = [p for p in stages if "setup_ddp(" in p.read_text()]
+    assert [p.name for p in under_torchrun] == ["07_ddp_fineweb.py", "08_hellaswag.py"]
+    for p in under_torchrun:
+        main_block = p.read_text().split('if __name__ == "__main__":')[1]
+        assert "with ddp_exit():" in main_block, p.name
 
 
 def test_without_torchrun_it_changes_nothing(monkeypatch):
