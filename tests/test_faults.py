@@ -273,6 +273,22 @@ def small_07(s07, shards, out, **kw):
     return dataclasses.replace(cfg, **{**small, **kw})
 
 
+def sigusr1_during_step_1(monkeypatch):
+    """From now on Run.log sends this process SIGUSR1 once it has logged step 1's training
+    line (a signal during step 1). Returns the real Run.log, to put back."""
+    from common import run as run_module
+
+    log = run_module.Run.log
+
+    def log_and_signal(self, **record):
+        log(self, **record)
+        if record.get("split") == "train" and record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(run_module.Run, "log", log_and_signal)
+    return log
+
+
 def test_sigusr1_checkpoints_exits_75_and_resume_auto_continues_exactly(
     shards, tmp_path, monkeypatch, capsys
 ):
@@ -280,14 +296,7 @@ def test_sigusr1_checkpoints_exits_75_and_resume_auto_continues_exactly(
 
     s07 = load_stage("07_ddp_fineweb")
     s07.main(small_07(s07, shards, tmp_path / "full"))
-    log = run_module.Run.log
-
-    def log_and_signal(self, **record):  # SIGUSR1 arrives during step 1
-        log(self, **record)
-        if record.get("split") == "train" and record["step"] == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(run_module.Run, "log", log_and_signal)
+    log = sigusr1_during_step_1(monkeypatch)
     before = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(SystemExit) as e:
         s07.main(small_07(s07, shards, tmp_path / "cut", resume="auto"))  # nothing yet: fresh

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch.distributed as dist
 from conftest import ROOT, load_stage
-from test_faults import small_07, torchrun_07
+from test_faults import sigusr1_during_step_1, small_07, torchrun_07
 
 from common import UserError, cli
 from common.checkpoint import RunLock
@@ -105,14 +105,7 @@ def test_a_rank_leaving_with_75_ignores_further_stop_signals(shards, tmp_path, m
     from common import run as run_module
 
     s07 = load_stage("07_ddp_fineweb")
-    log = run_module.Run.log
-
-    def log_and_signal(self, **record):  # SIGUSR1 arrives during step 1
-        log(self, **record)
-        if record.get("split") == "train" and record["step"] == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(run_module.Run, "log", log_and_signal)
+    sigusr1_during_step_1(monkeypatch)
     before = {sig: signal.getsignal(sig) for sig in run_module.STOP_SIGNALS}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
