@@ -16,6 +16,10 @@ Parts (--parts, comma separated; all by default):
   stages     00 ... 09 as subprocesses at the real size for a few steps: exit code, loss
              finite and falling where the stage trains; 07 also under torchrun (NCCL on a
              GPU) with checkpoints, then --resume to more steps
+  faults     07 under torchrun as a cluster treats it: kill -9 of the worker once a
+             checkpoint is saved, under --max-restarts=1 (the restarted worker resumes by
+             itself, torchrun exits 0, nothing aborts); then SIGTERM to the worker (it exits
+             75 with a checkpoint of the step it stopped at)
 
 Data: --data-dir holds token shards, --text a text file for stages 02-06; both are made on a
 machine with `datasets` by bench/gpu_data.py (47 MiB, under the device tool's 64 MiB carry).
@@ -27,18 +31,21 @@ cut off by a time limit still leaves what it measured.
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
         --parts train,auto --json $OUT/gpu_a.json                    # GPU, first call (issue 30)
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts checkpoint,hf,hellaswag,generate,stages --json $OUT/gpu_b.json    # (issue 31)
+        --parts checkpoint,hf,hellaswag,generate,stages,faults --json $OUT/gpu_b.json  # 31
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
 
 import importlib.util
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,9 +60,10 @@ from common.cli import parse_args
 from common.metrics import read_run_header
 from common.model import GPT, preset_config
 from common.device import pick_device
+from common.distributed import torchrun_workers
 
 
-PARTS = ("train", "auto", "checkpoint", "hf", "hellaswag", "generate", "stages")
+PARTS = ("train", "auto", "checkpoint", "hf", "hellaswag", "generate", "stages", "faults")
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Config:
     seq_len: int = 1024  # tokens per sequence
     total_batch: int = 524288  # tokens per optimizer step (stage 07's default)
     steps: int = 12  # optimizer steps per training run; the first 2 (compile) are not counted
+    fault_steps: int = 8  # steps of the faults part's runs (a checkpoint every 2)
     data_dir: str = ""  # token shards for stage 07 (train and val)
     text: str = ""  # a text file for stages 02-06 (tiny shakespeare)
     hellaswag_data: str = "tests/data/hellaswag_fixture.jsonl"  # examples for stage 08
@@ -282,6 +291,82 @@ def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
     return rows
 
 
+def torchrun_07(cfg, device, out, restarts, act, timeout=600):
+    """`torchrun --nproc_per_node=1 --max-restarts=N 07 ...` (a checkpoint every 2 steps);
+    `act(line, worker_pid)` sees each line it prints. What a cluster would see: torchrun's
+    exit code, each failed worker's exit code, where it resumed, and whether any aborted."""
+    p = preset_config(cfg.preset)
+    args = (
+        f"-m torch.distributed.run --standalone --nproc_per_node=1 --max-restarts={restarts}"
+        f" 07_ddp_fineweb.py --device {device} --preset {cfg.preset} --data-dir {cfg.data_dir}"
+        f" --seq-len {min(cfg.seq_len, p.block_size)} --total-batch {cfg.total_batch}"
+        f" --steps {cfg.fault_steps} --warmup-steps 2 --val-every 0 --sample-every 0"
+        f" --hellaswag-every 0 --ckpt-every 2 --out {out}"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, *args.split()],  # (paths hold no spaces: checked by the caller)
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))  # a hang
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        act(line, lambda: next(iter(torchrun_workers(proc.pid).values()), None))
+    watchdog.cancel()
+    text = "".join(lines)
+    resumed = re.search(r"resumed from step (\d+)", text)
+    return dict(
+        rc=proc.wait(),
+        seconds=time.perf_counter() - t0,
+        worker_exitcodes=[int(c) for c in re.findall(r"failed \(exitcode: (-?\d+)\)", text)],
+        resumed_from=int(resumed.group(1)) if resumed else None,
+        aborted="terminate called" in text or "SIGABRT" in text,
+        checkpoints=sorted(f.name for f in Path(out).glob("ckpt_*.pt")),
+        tail=text.strip().splitlines()[-3:],
+    )
+
+
+def measure_faults(cfg, device, tmp):
+    """07 under torchrun, killed as a cluster kills it: kill -9 (a dead GPU, the OOM killer)
+    once a checkpoint is saved, with one restart left; then SIGTERM (preemption)."""
+    if " " in f"{cfg.data_dir}{tmp}":
+        raise UserError("the faults part splits its command line on spaces: give paths without")
+    sent = []
+
+    def kill_after_a_save(line, worker):
+        if "saved " in line and "ckpt_" in line and not sent:
+            sent.append("saved")
+        elif sent == ["saved"] and line.startswith("step "):  # the step after it: kill -9
+            os.kill(worker(), signal.SIGKILL)
+            sent.append("killed")
+
+    def sigterm_at_step_3(line, worker):
+        if line.startswith(f"step {3:5d}/") and not sent:
+            os.kill(worker(), signal.SIGTERM)
+            sent.append("sigterm")
+
+    rows = []
+    for label, restarts, act in [
+        ("kill -9, one restart", 1, kill_after_a_save),
+        ("SIGTERM", 0, sigterm_at_step_3),
+    ]:
+        sent.clear()
+        row = torchrun_07(cfg, device, Path(tmp) / f"faults_{restarts}", restarts, act)
+        rows.append(dict(run=label, sent=list(sent), **row))
+        print(
+            f"07 torchrun, {label}: sent {sent}, torchrun rc {row['rc']}, workers' exit codes "
+            f"{row['worker_exitcodes']}, resumed from {row['resumed_from']}, "
+            f"aborted {row['aborted']}, {row['checkpoints']}"
+        )
+    return rows
+
+
 def main(cfg):
     parts = set(cfg.parts.split(","))
     if unknown := parts - set(PARTS):
@@ -327,6 +412,8 @@ def main(cfg):
             save("generate", gen.main(c))
         if "stages" in parts:
             measure_stages(cfg, device, tmp, on_row=lambda rows: save("stages", rows))
+        if "faults" in parts:
+            save("faults", measure_faults(cfg, device, tmp))
     save()
     if cfg.json:
         print(f"wrote {cfg.json}")

@@ -1,10 +1,12 @@
 """Who this process is in a run of one or many (torchrun): stage 07's DDP set-up, its
-shutdown on every way out (ddp_exit), and printing on rank 0 only."""
+shutdown on every way out (ddp_exit), and printing on rank 0 only. From outside a run (the
+fault tests, bench/gpu.py): which worker process holds which rank."""
 
 import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -103,3 +105,21 @@ def print0(*args, **kwargs):
     """print, on rank 0 only (torchrun sets RANK in every process it starts)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs)
+
+
+def torchrun_workers(agent):
+    """{RANK: pid} of the worker processes a torchrun agent (its pid) started, read from
+    /proc (Linux): what a test or a benchmark needs to kill -9 or SIGTERM one rank."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if (
+                d.name.isdigit()
+                and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent
+            ):
+                environ = (d / "environ").read_bytes().split(b"\0")
+                rank = [e for e in environ if e.startswith(b"RANK=")]
+                found[int(rank[0][5:])] = int(d.name)
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            pass
+    return found

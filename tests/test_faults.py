@@ -37,6 +37,7 @@ from common.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
+from common.distributed import torchrun_workers
 from common.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads workers from /proc")
@@ -62,23 +63,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def workers(agent):
-    """{RANK: pid} of the worker processes a torchrun agent started, read from /proc."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        try:
-            if (
-                d.name.isdigit()
-                and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent
-            ):
-                environ = (d / "environ").read_bytes().split(b"\0")
-                rank = [e for e in environ if e.startswith(b"RANK=")]
-                found[int(rank[0][5:])] = int(d.name)
-        except (OSError, ValueError, IndexError):  # exited meanwhile
-            pass
-    return found
 
 
 def metrics(out, splits=("train", "val")):
@@ -130,7 +114,7 @@ def reference(shards, env, tmp_path_factory):
     for line in nodes[0].stdout:
         lines.append(line)
         if line.startswith("parameters:"):  # both workers are up: who is who
-            pids = {node: workers(p.pid) for node, p in enumerate(nodes)}
+            pids = {node: torchrun_workers(p.pid) for node, p in enumerate(nodes)}
     text = ["".join(lines), nodes[1].communicate(timeout=300)[0]]
     assert [p.wait(timeout=300) for p in nodes] == [0, 0], text
     return out, text, pids
@@ -180,7 +164,7 @@ def torchrun_07(shards, out, env, restarts, act, limit=300):
     lines = []
     for line in p.stdout:
         lines.append(line)
-        act(line, lambda: workers(p.pid))
+        act(line, lambda: torchrun_workers(p.pid))
     watchdog.cancel()
     return p.wait(timeout=300), "".join(lines)
 

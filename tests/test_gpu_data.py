@@ -1,5 +1,5 @@
 """bench/gpu_data.py: the carried inputs of the GPU proof (issue 13), at a tiny size; and
-bench/gpu.py's training parts, dry-run on the CPU."""
+bench/gpu.py's training parts and its torchrun fault runs, dry-run on the CPU."""
 
 import json
 
@@ -79,3 +79,30 @@ def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
     assert 0 < stall["background stall"] < stall["blocking save"] and stall["sha256"] > 0
     with pytest.raises(UserError, match="unknown --parts levers; choose from train,auto"):
         gpu.main(gpu.Config(device="cpu", parts="levers"))
+
+
+def test_the_gpu_script_dry_runs_its_faults_under_torchrun_on_the_cpu(shards, tmp_path):
+    """bench/gpu.py's faults part at the tiny size (gloo instead of NCCL): a kill -9 of the
+    worker after a checkpoint is saved, with one restart left, resumes from that checkpoint
+    and torchrun exits 0; a SIGTERM makes the worker exit 75 with a checkpoint of the step it
+    stopped at. The signals come after step 3 of 20: the rest of the run is their margin."""
+    gpu = load_stage("bench/gpu")
+    cfg = gpu.Config(
+        device="cpu",
+        preset="tiny",
+        seq_len=32,
+        total_batch=512,
+        fault_steps=20,
+        data_dir=str(shards),
+        parts="faults",
+        json=str(tmp_path / "gpu.json"),
+    )
+    kill, term = gpu.main(cfg)["faults"]
+    assert kill["sent"] == ["saved", "killed"] and kill["rc"] == 0, kill
+    assert kill["worker_exitcodes"] == [-9] and not kill["aborted"]
+    assert kill["resumed_from"] >= 2 and kill["resumed_from"] % 2 == 0  # a saved checkpoint
+    assert kill["checkpoints"][-1] == "ckpt_000020.pt"  # and it went on to the end
+    assert term["sent"] == ["sigterm"] and term["rc"] != 0 and term["worker_exitcodes"] == [75]
+    assert not term["aborted"] and term["resumed_from"] is None
+    stop = int(term["checkpoints"][-1][5:11])  # the step it stopped at has its checkpoint
+    assert 3 <= stop < 20
