@@ -40,6 +40,8 @@ PROCESS_TESTS = [
     "tests/test_sample.py",
     "tests/test_plot.py",
     "tests/test_lessons.py",
+    "tests/test_gpu_data.py",
+    "tests/test_09.py",
 ]
 
 RESULT = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\S* (\S+)", re.M)

@@ -9,6 +9,13 @@ Parts (--parts, comma separated; all by default):
              reserved, and common.plan's estimate beside it
   auto       stage 07 with --batch-size auto under each --auto-caps (GiB): the B it picks,
              no out of memory after, the peaks and the estimate
+  levers     stage 07's step at one B (--levers-batch; 0: the train part's fastest), once as
+             it is and once per lever, each put on from outside the stage: SDPA's backend
+             (flash, cuDNN), compile's max-autotune, DDP (one process) with and without
+             gradient_as_bucket_view; ms/step, speedup over 07 as it is, peaks. A lever that
+             fails on this GPU or torch is a row with its error, not the end of the run.
+             (Pinned memory with non-blocking copies, fewer host syncs and a chunked
+             cross-entropy change 07's own code: they are not levers from outside.)
   checkpoint a checkpoint's stall and write, background vs blocking (bench/checkpoint_stall.py)
   hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
   hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
@@ -25,13 +32,15 @@ Data: --data-dir holds token shards, --text a text file for stages 02-06; both a
 machine with `datasets` by bench/gpu_data.py (47 MiB, under the device tool's 64 MiB carry).
 Weights for 01/08: a random GPT-2-size GPT2LMHeadModel saved here (no hub), so parity is
 checked, not quality. The JSON file is rewritten after every part and every stage, so a run
-cut off by a time limit still leaves what it measured.
+cut off by a time limit still leaves what it measured; --minutes N starts no new measurement
+after N minutes, so the command ends (and says what it left out) inside the device's limit.
 
     python bench/gpu_data.py --out bench_data                  # here, once; carry bench_data
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts train,auto --json $OUT/gpu_a.json                    # GPU, first call (issue 30)
+        --parts train,auto,levers --minutes 7 --json $OUT/gpu_a.json  # GPU, issue 30
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts checkpoint,hf,hellaswag,generate,stages,faults --json $OUT/gpu_b.json  # 31
+        --parts checkpoint,hf,hellaswag,generate,stages,faults --minutes 7 \\
+        --json $OUT/gpu_b.json                                       # GPU, issue 31
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
@@ -41,13 +50,16 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,7 +75,8 @@ from common.device import pick_device
 from common.distributed import torchrun_workers
 
 
-PARTS = ("train", "auto", "checkpoint", "hf", "hellaswag", "generate", "stages", "faults")
+LEVERS = ("base", "flash", "cudnn", "ddp", "bucket_view", "max_autotune")
+PARTS = ("train", "auto", "levers", "checkpoint", "hf", "hellaswag", "generate", "stages", "faults")
 
 
 @dataclass
@@ -72,6 +85,10 @@ class Config:
     preset: str = "gpt2"  # model size
     batch_sizes: str = "8,16,32,64"  # micro-batch sizes for the training throughput
     auto_caps: str = "16,24,40"  # GiB: memory caps to run --batch-size auto under
+    levers_batch: int = 0  # B for the levers table (0: the train part's fastest, else the first)
+    levers_steps: int = 6  # optimizer steps per lever; the first 2 (compile) are not counted
+    levers: str = ",".join(LEVERS)  # which levers, comma separated
+    minutes: float = 0  # start no new measurement after this long (0: no limit)
     seq_len: int = 1024  # tokens per sequence
     total_batch: int = 524288  # tokens per optimizer step (stage 07's default)
     steps: int = 12  # optimizer steps per training run; the first 2 (compile) are not counted
@@ -81,6 +98,17 @@ class Config:
     hellaswag_data: str = "tests/data/hellaswag_fixture.jsonl"  # examples for stage 08
     parts: str = ",".join(PARTS)  # what to measure, comma separated
     json: str = ""  # write every result to this file
+
+
+START = time.monotonic()
+
+
+def out_of_time(cfg, what):
+    """Whether --minutes has passed (then `what` is not started, and that is said)."""
+    if cfg.minutes and time.monotonic() - START > cfg.minutes * 60:
+        print(f"out of time (--minutes {cfg.minutes}): {what} not measured")
+        return True
+    return False
 
 
 def load(path):
@@ -112,25 +140,31 @@ def config_07(s07, cfg, device, out, **more):
     )
 
 
+def timed_07(s07, cfg, device, out, B, steps):
+    """Stage 07's main at micro-batch B for `steps` steps: the median seconds per step after
+    the first 2 (compile, warm-up), and the peaks of memory."""
+    c = config_07(s07, cfg, device, out, batch_size=B, steps=steps, warmup_steps=2)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    s07.main(c)
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    dt = statistics.median(r["dt"] for r in lines if r["split"] == "train" and r["step"] >= 2)
+    return dt, peaks(device)
+
+
 def measure_train(cfg, device, tmp):
     s07 = load("07_ddp_fineweb.py")
     measured_peak = bench.measure_peak(device)
     _, datasheet = bench.known_peak(device)
+    with torch.device("meta"):  # sizes only
+        flops = bench.flops_per_token(GPT(preset_config(cfg.preset, vocab_size=50304)), cfg.seq_len)
     rows = []
     for B in [int(b) for b in cfg.batch_sizes.split(",")]:
-        out = Path(tmp) / f"train_b{B}"
-        c = config_07(s07, cfg, device, out, batch_size=B, steps=cfg.steps, warmup_steps=2)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-        s07.main(c)
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        dts = [r["dt"] for r in lines if r["split"] == "train" and r["step"] >= 2]
-        dt = statistics.median(dts)
+        if out_of_time(cfg, f"train B={B}"):
+            break
+        dt, memory = timed_07(s07, cfg, device, Path(tmp) / f"train_b{B}", B, cfg.steps)
         tps = cfg.total_batch / dt
-        with torch.device("meta"):  # sizes only
-            flops = bench.flops_per_token(
-                GPT(preset_config(cfg.preset, vocab_size=50304)), cfg.seq_len
-            )
         rows.append(
             dict(
                 batch_size=B,
@@ -140,14 +174,79 @@ def measure_train(cfg, device, tmp):
                 mfu_datasheet=flops * tps / datasheet if datasheet else None,
                 mfu_measured=flops * tps / measured_peak,
                 measured_peak_tflops=measured_peak / 1e12,
-                **peaks(device),
-                plan_mb=plan_mb(cfg, B, compiled=c.compile),
+                **memory,
+                plan_mb=plan_mb(cfg, B, compiled=str(device).startswith("cuda")),
             )
         )
         print(
             f"train B={B}: {dt * 1000:.1f} ms/step, {tps:,.0f} tok/s, MFU "
             f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
             f"{rows[-1]['mfu_measured']:.1%} (measured peak {measured_peak / 1e12:.3g} TFLOP/s)"
+        )
+    return rows
+
+
+@contextmanager
+def one_process_ddp(s07, **ddp_options):
+    """Stage 07 as torchrun --nproc_per_node=1 starts it (a process group of one, so DDP
+    wraps the model), in this process; `ddp_options` go to every DDP(...) 07 makes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
+    os.environ.update(env, MASTER_PORT=str(port))
+    s07.DDP = partial(DistributedDataParallel, **ddp_options)
+    try:
+        yield
+    finally:
+        s07.DDP = DistributedDataParallel
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def measure_levers(cfg, device, tmp, B):
+    """07's step at micro-batch B, as it is and with each lever on (see the docstring)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s07 = load("07_ddp_fineweb.py")
+    levers = {  # name: (label, context manager)
+        "base": ("07 as it is", nullcontext()),
+        "flash": ("SDPA backend: flash only", sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
+        "cudnn": ("SDPA backend: cuDNN only", sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
+        "ddp": ("DDP, 1 process", one_process_ddp(s07)),
+        "bucket_view": (
+            "DDP, gradient_as_bucket_view",
+            one_process_ddp(s07, gradient_as_bucket_view=True),
+        ),
+        # mode="max-autotune-no-cudagraphs" is these two (torch._inductor.list_mode_options)
+        "max_autotune": (
+            "compile: max-autotune-no-cudagraphs",
+            torch._inductor.config.patch(max_autotune=True, coordinate_descent_tuning=True),
+        ),
+    }
+    rows, base_ms = [], None  # speedups are over "base", 07 as it is, where it was measured
+    for name in cfg.levers.split(","):  # (names checked in main)
+        lever, context = levers[name]
+        if out_of_time(cfg, f"lever {lever}"):
+            break
+        row = dict(lever=lever, batch_size=B, ms=None, tokens_per_s=None, speedup=None, error="")
+        try:
+            with context:
+                dt, memory = timed_07(s07, cfg, device, Path(tmp) / name, B, cfg.levers_steps)
+            row.update(ms=dt * 1000, tokens_per_s=cfg.total_batch / dt, **memory)
+            base_ms = row["ms"] if name == "base" else base_ms
+            row["speedup"] = base_ms / row["ms"] if base_ms else None
+        except Exception as e:  # this lever does not run here (a backend, an autotune failure)
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        rows.append(row)
+        print(
+            f"lever {lever:<38} B={B}: {bench.fmt(row['ms'], '.1f')} ms/step, "
+            f"x{bench.fmt(row['speedup'], '.3f')} {row['error']}".rstrip()
         )
     return rows
 
@@ -178,6 +277,8 @@ def measure_auto(cfg, device, tmp):
     total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
     rows = []
     for cap in [float(x) for x in cfg.auto_caps.split(",")] if cuda else [None]:
+        if out_of_time(cfg, f"auto under {cap} GiB"):
+            break
         out = Path(tmp) / f"auto_{cap}"
         c = config_07(s07, cfg, device, out, batch_size="auto", steps=3, warmup_steps=1)
         if cuda:
@@ -281,6 +382,8 @@ def measure_stages(cfg, device, tmp, on_row=lambda rows: None):
     ]
     rows = []
     for label, args in runs:
+        if out_of_time(cfg, label):
+            break
         rows.append(run_stage(label, args))
         on_row(rows)
         r = rows[-1]
@@ -356,6 +459,8 @@ def measure_faults(cfg, device, tmp):
         ("kill -9, one restart", 1, kill_after_a_save),
         ("SIGTERM", 0, sigterm_at_step_3),
     ]:
+        if out_of_time(cfg, f"07 torchrun, {label}"):
+            break
         sent.clear()
         row = torchrun_07(cfg, device, Path(tmp) / f"faults_{restarts}", restarts, act)
         rows.append(dict(run=label, sent=list(sent), **row))
@@ -373,6 +478,12 @@ def main(cfg):
         raise UserError(
             f"unknown --parts {','.join(sorted(unknown))}; choose from {','.join(PARTS)}"
         )
+    if unknown := set(cfg.levers.split(",")) - set(LEVERS):
+        raise UserError(
+            f"unknown --levers {','.join(sorted(unknown))}; choose from {','.join(LEVERS)}"
+        )
+    global START
+    START = time.monotonic()
     device = pick_device(cfg.device)
     result = dict(
         config=asdict(cfg),
@@ -393,6 +504,14 @@ def main(cfg):
             save("train", measure_train(cfg, device, tmp))
         if "auto" in parts:
             save("auto", measure_auto(cfg, device, tmp))
+        if "levers" in parts:
+            fastest = max(result.get("train", []), key=lambda r: r["tokens_per_s"], default=None)
+            B = (
+                cfg.levers_batch
+                or (fastest or {}).get("batch_size")
+                or int(cfg.batch_sizes.split(",")[0])
+            )
+            save("levers", measure_levers(cfg, device, tmp, B))
         if "checkpoint" in parts:
             stall = load("bench/checkpoint_stall.py")
             c = stall.Config(preset=cfg.preset, device=device, repeats=3, out=f"{tmp}/stall")

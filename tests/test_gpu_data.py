@@ -2,9 +2,11 @@
 bench/gpu.py's training parts and its torchrun fault runs, dry-run on the CPU."""
 
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHAKESPEARE, load_stage
 
 from common import UserError
@@ -77,8 +79,8 @@ def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
     ]
     stall = result["checkpoint"]  # medians of bench/checkpoint_stall.py, at the tiny size
     assert 0 < stall["background stall"] < stall["blocking save"] and stall["sha256"] > 0
-    with pytest.raises(UserError, match="unknown --parts levers; choose from train,auto"):
-        gpu.main(gpu.Config(device="cpu", parts="levers"))
+    with pytest.raises(UserError, match="unknown --parts lever; choose from train,auto,levers"):
+        gpu.main(gpu.Config(device="cpu", parts="lever"))
 
 
 def test_the_gpu_script_dry_runs_its_faults_under_torchrun_on_the_cpu(shards, tmp_path):
@@ -106,3 +108,36 @@ def test_the_gpu_script_dry_runs_its_faults_under_torchrun_on_the_cpu(shards, tm
     assert not term["aborted"] and term["resumed_from"] is None
     stop = int(term["checkpoints"][-1][5:11])  # the step it stopped at has its checkpoint
     assert 3 <= stop < 20
+
+
+def test_the_levers_table_dry_runs_and_a_lever_that_fails_is_a_row(shards, tmp_path, capsys):
+    """bench/gpu.py's levers at the tiny size on the CPU: 07 as it is, then levers put on from
+    outside. cuDNN attention does not exist on a CPU: its row holds the error and the table
+    goes on. DDP of one process (gloo here) runs 07 wrapped, with gradient_as_bucket_view.
+    --minutes ends a part early with a line saying what was not measured."""
+    gpu = load_stage("bench/gpu")
+    cfg = gpu.Config(
+        device="cpu",
+        preset="tiny",
+        seq_len=32,
+        total_batch=256,
+        levers_batch=2,
+        levers_steps=3,
+        levers="base,cudnn,bucket_view",
+        data_dir=str(shards),
+        parts="levers",
+    )
+    base, cudnn, bucket = gpu.main(cfg)["levers"]
+    assert base["lever"] == "07 as it is" and base["ms"] > 0 and base["speedup"] == 1.0
+    assert cudnn["ms"] is None and "RuntimeError" in cudnn["error"]
+    assert bucket["ms"] > 0 and bucket["speedup"] > 0 and not bucket["error"]
+    assert bucket["batch_size"] == 2 and "RANK" not in os.environ  # the environment put back
+    assert not torch.distributed.is_initialized()
+    capsys.readouterr()
+    result = gpu.main(gpu.Config(**{**cfg.__dict__, "minutes": 1e-9, "levers": "base"}))
+    assert result["levers"] == []
+    assert (
+        "out of time (--minutes 1e-09): lever 07 as it is not measured" in capsys.readouterr().out
+    )
+    with pytest.raises(UserError, match="unknown --levers fp8; choose from base,flash,cudnn"):
+        gpu.main(gpu.Config(device="cpu", parts="levers", levers="base,fp8"))
