@@ -45,6 +45,7 @@ after N minutes, so the command ends (and says what it left out) inside the devi
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
 
+import gc
 import importlib.util
 import json
 import os
@@ -140,13 +141,23 @@ def config_07(s07, cfg, device, out, **more):
     )
 
 
+def fresh(device):
+    """Before each run of a stage in this process: forget the graphs compiled for the last
+    model (a new model recompiles, and after torch._dynamo.config's cache-size limit of them
+    torch would quietly run the rest uncompiled), give the GPU memory back to the driver
+    (a stage started as a subprocess needs it), and restart the peak counters."""
+    torch._dynamo.reset()
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def timed_07(s07, cfg, device, out, B, steps):
     """Stage 07's main at micro-batch B for `steps` steps: the median seconds per step after
     the first 2 (compile, warm-up), and the peaks of memory."""
     c = config_07(s07, cfg, device, out, batch_size=B, steps=steps, warmup_steps=2)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    fresh(device)
     s07.main(c)
     lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     dt = statistics.median(r["dt"] for r in lines if r["split"] == "train" and r["step"] >= 2)
@@ -281,10 +292,9 @@ def measure_auto(cfg, device, tmp):
             break
         out = Path(tmp) / f"auto_{cap}"
         c = config_07(s07, cfg, device, out, batch_size="auto", steps=3, warmup_steps=1)
+        fresh(device)
         if cuda:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         row = dict(cap_gib=cap, batch_size=None, error="")
         try:
             s07.main(c)
@@ -498,6 +508,7 @@ def main(cfg):
             result[part] = value
         if cfg.json:
             Path(cfg.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        fresh(device)  # the next part starts with the GPU's memory free and nothing compiled
 
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in parts:
