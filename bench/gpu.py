@@ -17,8 +17,10 @@ Parts (--parts, comma separated; all by default):
              (Pinned memory with non-blocking copies, fewer host syncs and a chunked
              cross-entropy change 07's own code: they are not levers from outside.)
   checkpoint a checkpoint's stall and write, background vs blocking (bench/checkpoint_stall.py)
-  hf         stage 05's benchmark, row `compile`, with --compare-hf: ours / transformers
-  hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py)
+  speedups   stage 05's table at --table-batch (every row, fp32 ... compile: ms/step,
+             tokens/s, speedup, MFU, peak memory), with --compare-hf: ours / transformers
+  hellaswag  batched vs one-example-at-a-time scoring (bench/hellaswag_speed.py) of the
+             --hellaswag-data rows repeated to 2,000, by both protocols
   generate   KV-cache vs no-cache vs transformers generation (bench/generate_speed.py)
   stages     00 ... 09 as subprocesses at the real size for a few steps: exit code, loss
              finite and falling where the stage trains; 07 also under torchrun (NCCL on a
@@ -39,8 +41,9 @@ after N minutes, so the command ends (and says what it left out) inside the devi
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
         --parts train,auto,levers --minutes 7 --json $OUT/gpu_a.json  # GPU, issue 30
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
-        --parts checkpoint,hf,hellaswag,generate,stages,faults --minutes 7 \\
-        --json $OUT/gpu_b.json                                       # GPU, issue 31
+        --parts checkpoint,speedups,hellaswag,generate --minutes 7 --json $OUT/gpu_b.json
+    python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
+        --parts stages,faults --minutes 7 --json $OUT/gpu_c.json      # GPU, issue 31 (2 calls)
     python bench/gpu.py --device cpu --preset tiny --batch-sizes 2,4 --seq-len 64 \\
         --total-batch 512 --steps 4 --data-dir data/tiny --text input.txt   # CPU dry run
 """
@@ -77,7 +80,17 @@ from common.distributed import torchrun_workers
 
 
 LEVERS = ("base", "flash", "cudnn", "ddp", "bucket_view", "max_autotune")
-PARTS = ("train", "auto", "levers", "checkpoint", "hf", "hellaswag", "generate", "stages", "faults")
+PARTS = (
+    "train",
+    "auto",
+    "levers",
+    "checkpoint",
+    "speedups",
+    "hellaswag",
+    "generate",
+    "stages",
+    "faults",
+)
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Config:
     preset: str = "gpt2"  # model size
     batch_sizes: str = "8,16,32,64"  # micro-batch sizes for the training throughput
     auto_caps: str = "16,24,40"  # GiB: memory caps to run --batch-size auto under
+    table_batch: int = 16  # B for stage 05's table (the speedups part)
     levers_batch: int = 0  # B for the levers table (0: the train part's fastest, else the first)
     levers_steps: int = 6  # optimizer steps per lever; the first 2 (compile) are not counted
     levers: str = ",".join(LEVERS)  # which levers, comma separated
@@ -311,18 +325,18 @@ def measure_auto(cfg, device, tmp):
     return rows
 
 
-def measure_hf(cfg, device):
+def measure_speedups(cfg, device):
+    """Stage 05's benchmark table with --compare-hf (on a CPU dry run: one row)."""
     s05 = load("05_speedups.py")
-    B = int(cfg.batch_sizes.split(",")[0])
     c = replace(
         s05.Config(),
         device=device,
         preset=cfg.preset,
         input=cfg.text,
-        batch_size=B,
+        batch_size=cfg.table_batch,
         seq_len=cfg.seq_len,
         steps=0,
-        benchmark="compile" if device != "cpu" else "vocab",
+        benchmark="all" if device != "cpu" else "vocab",
         compare_hf=True,
         timed=12,
     )
@@ -527,12 +541,21 @@ def main(cfg):
             stall = load("bench/checkpoint_stall.py")
             c = stall.Config(preset=cfg.preset, device=device, repeats=3, out=f"{tmp}/stall")
             save("checkpoint", stall.main(c))
-        if "hf" in parts:
-            save("hf", measure_hf(cfg, device))
+        if "speedups" in parts:
+            save("speedups", measure_speedups(cfg, device))
         if "hellaswag" in parts:
             hs = load("bench/hellaswag_speed.py")
-            bs = "1,32" if device != "cpu" else "1,8"
-            c = replace(hs.Config(), device=device, preset=cfg.preset, batch_sizes=bs)
+            gpu = device != "cpu"
+            c = replace(
+                hs.Config(),
+                device=device,
+                preset=cfg.preset,
+                batch_sizes="1,32" if gpu else "1,8",
+                data=cfg.hellaswag_data,  # its rows repeated to 2,000 (16 on a CPU dry run)
+                examples=2000 if gpu else 16,
+                protocol="both",
+                repeats=3 if gpu else 1,
+            )
             save("hellaswag", hs.main(c))
         if "generate" in parts:
             gen = load("bench/generate_speed.py")

@@ -8,8 +8,14 @@ warm-up pass each, then --repeats timed passes interleaved across the methods, s
 machine slows them alike; the median and the best are reported. The predictions must be the
 same with every method: the script checks.
 
+With --data, the examples of a HellaSwag jsonl file instead, repeated (in order) to
+--examples rows; --protocol picks the scoring (nanogpt, lm-eval, or both: each method timed
+once per protocol).
+
 CPU (tiny preset, random init): python bench/hellaswag_speed.py
 GPU (GPT-2 124M sizes, bf16):   python bench/hellaswag_speed.py --preset gpt2 --batch-sizes 1,16,64
+GPU, real rows, both protocols: python bench/hellaswag_speed.py --preset gpt2 --batch-sizes 1,32 \\
+    --data tests/data/hellaswag_fixture.jsonl --examples 2000 --protocol both
 """
 
 import platform
@@ -24,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from common.cli import parse_args
-from common.hellaswag import evaluate
+from common.hellaswag import evaluate, protocols, read_examples
 from common.model import GPT, preset_config
 from common.device import pick_device
 from common.train import seed_all
@@ -50,7 +56,9 @@ def synthetic_examples(n, seed):
 class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     preset: str = "tiny"  # model size (random weights): tiny, gpt2, ...
-    examples: int = 192  # synthetic examples to score
+    examples: int = 192  # examples to score
+    data: str = ""  # a HellaSwag jsonl, repeated to --examples rows (default: synthetic rows)
+    protocol: str = "nanogpt"  # nanogpt, lm-eval, or both
     batch_sizes: str = "1,8,32"  # examples per forward pass, comma separated; 1 = one at a time
     repeats: int = 5  # timed passes per method
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -63,7 +71,11 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = GPT(preset_config(cfg.preset, tie_weights=True, gpt2_init=True)).to(device)
-    examples = synthetic_examples(cfg.examples, cfg.seed)
+    if cfg.data:  # real rows, in order, as many times over as it takes
+        rows = read_examples(cfg.data)
+        examples = [rows[i % len(rows)] for i in range(cfg.examples)]
+    else:
+        examples = synthetic_examples(cfg.examples, cfg.seed)
     amp = torch.bfloat16 if device.startswith("cuda") else None  # fp32 on CPU
     print(
         f"torch {torch.__version__} | {platform.processor() or platform.machine()} | "
@@ -71,12 +83,13 @@ def main(cfg):
         f"{len(examples)} examples"
     )
     # the methods: one example at a time with every logit computed (a plain callable: no
-    # lm_head to hook), then evaluate() as it is at each batch size
+    # lm_head to hook), then evaluate() as it is at each batch size; each once per protocol
     methods = {"batch size   1, all logits": (lambda idx: model(idx)[0], 1)}
     for bs in [int(s) for s in cfg.batch_sizes.split(",")]:
         methods[f"batch size {bs:3d}"] = (model, bs)
-    score = lambda m, bs: evaluate(
-        m, examples, device, batch_size=bs, autocast_dtype=amp, details=True
+    methods = {f"{k}, {p}": (*m, p) for p in protocols(cfg.protocol) for k, m in methods.items()}
+    score = lambda m, bs, protocol: evaluate(
+        m, examples, device, batch_size=bs, autocast_dtype=amp, details=True, protocol=protocol
     )
     preds = {k: score(*m)["pred_norm"] for k, m in methods.items()}  # warm-up, untimed
     rates = {k: [] for k in methods}
@@ -86,14 +99,18 @@ def main(cfg):
     results = {k: statistics.median(r) for k, r in rates.items()}
     for k, r in rates.items():
         print(
-            f"{k:<26} {results[k]:7.1f} examples/s median, {max(r):7.1f} best "
+            f"{k:<36} {results[k]:7.1f} examples/s median, {max(r):7.1f} best "
             f"({', '.join(f'{x:.1f}' for x in r)})"
         )
-    same = all(p == preds["batch size   1"] for p in preds.values())
+    same = True
+    for p in protocols(cfg.protocol):  # the same predictions with every method of a protocol
+        one = preds[f"batch size   1, {p}"]
+        same &= all(v == one for k, v in preds.items() if k.endswith(f", {p}"))
+        best = max((k for k in results if k.endswith(f", {p}")), key=results.get)
+        gain = results[best] / results[f"batch size   1, {p}"]
+        method = " ".join(best.rsplit(", ", 1)[0].split())
+        print(f"summary ({p}): {method} scores {gain:.2f}x the examples/s of batch size 1")
     print(f"same predictions with every method: {same}")
-    best = max(results, key=results.get)
-    gain = results[best] / results["batch size   1"]
-    print(f"summary: {' '.join(best.split())} scores {gain:.2f}x the examples/s of batch size 1")
     return dict(examples_per_s=results, same_predictions=same)
 
 

@@ -631,3 +631,24 @@ def test_08_torchrun_two_processes_match_one(hf_tiny_dir, tmp_path):
         assert got[key] == single[key]
     assert "(2 processes)" in r.stdout
     assert sum(line.startswith("hellaswag val:") for line in r.stdout.splitlines()) == 2  # rank 0
+
+
+def test_the_speed_bench_scores_real_rows_repeated_by_both_protocols():
+    """bench/hellaswag_speed.py --data F --examples N --protocol both: the file's rows in order,
+    repeated to N (18 of 16 rows here), each method timed by each protocol, the same
+    predictions within each."""
+    hs = load_stage("bench/hellaswag_speed")
+    fixture = str(ROOT / "tests/data/hellaswag_fixture.jsonl")
+    cfg = hs.Config(
+        device="cpu", examples=18, batch_sizes="1,4", repeats=1, data=fixture, protocol="both"
+    )
+    result = hs.main(cfg)
+    assert sorted(result["examples_per_s"]) == sorted(
+        f"{method}, {protocol}"
+        for protocol in ("nanogpt", "lm-eval")
+        for method in ("batch size   1, all logits", "batch size   1", "batch size   4")
+    )
+    assert all(rate > 0 for rate in result["examples_per_s"].values())
+    assert result["same_predictions"] is True
+    with pytest.raises(UserError, match="unknown HellaSwag protocol 'lm_eval'"):
+        hs.main(hs.Config(device="cpu", examples=2, data=fixture, protocol="lm_eval"))
