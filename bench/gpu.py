@@ -11,11 +11,12 @@ Parts (--parts, comma separated; all by default):
              no out of memory after, the peaks and the estimate
   levers     stage 07's step at one B (--levers-batch; 0: the train part's fastest), once as
              it is and once per lever, each put on from outside the stage: SDPA's backend
-             (flash, cuDNN), compile's max-autotune, DDP (one process) with and without
-             gradient_as_bucket_view; ms/step, speedup over 07 as it is, peaks. A lever that
-             fails on this GPU or torch is a row with its error, not the end of the run.
-             (Pinned memory with non-blocking copies, fewer host syncs and a chunked
-             cross-entropy change 07's own code: they are not levers from outside.)
+             (flash, cuDNN), pinned memory with non-blocking copies, a loss in chunks that
+             never holds the whole logits, DDP (one process) with and without
+             gradient_as_bucket_view, compile's max-autotune; ms/step, speedup over 07 as it
+             is, peaks. A lever that fails on this GPU or torch is a row with its error, not
+             the end of the run. (07's host syncs, .item() and the finite check, come once
+             per optimizer step, after the timing's own synchronize: not a lever here.)
   checkpoint a checkpoint's stall and write, background vs blocking (bench/checkpoint_stall.py)
   speedups   stage 05's table at --table-batch (every row, fp32 ... compile: ms/step,
              tokens/s, speedup, MFU, peak memory), with --compare-hf: ours / transformers
@@ -64,9 +65,12 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from unittest import mock
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,7 +83,7 @@ from common.device import pick_device
 from common.distributed import torchrun_workers
 
 
-LEVERS = ("base", "flash", "cudnn", "ddp", "bucket_view", "max_autotune")
+LEVERS = ("base", "flash", "cudnn", "pinned", "chunked_ce", "ddp", "bucket_view", "max_autotune")
 PARTS = (
     "train",
     "auto",
@@ -215,21 +219,55 @@ def measure_train(cfg, device, tmp):
 def one_process_ddp(s07, **ddp_options):
     """Stage 07 as torchrun --nproc_per_node=1 starts it (a process group of one, so DDP
     wraps the model), in this process; `ddp_options` go to every DDP(...) 07 makes."""
-    from torch.nn.parallel import DistributedDataParallel
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update(env, MASTER_PORT=str(port))
-    s07.DDP = partial(DistributedDataParallel, **ddp_options)
-    try:
+    ddp = partial(s07.DDP, **ddp_options)
+    with (
+        mock.patch.dict(os.environ, env, MASTER_PORT=str(port)),
+        mock.patch.object(s07, "DDP", ddp),
+    ):
         yield
-    finally:
-        s07.DDP = DistributedDataParallel
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+class ChunkedLossGPT(GPT):
+    """GPT whose training loss never holds the whole (B, T, vocab) logits, nor their fp32
+    copy: lm_head and the cross-entropy run on CHUNKS slices of the sequence in turn, each
+    recomputed in backward (activation checkpointing). Sampling and evaluation without
+    targets take GPT's own forward."""
+
+    CHUNKS = 8
+
+    def forward(self, idx, targets=None, cache=None):
+        if targets is None or cache is not None:
+            return super().forward(idx, targets, cache)
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x, None)
+        x = self.transformer.ln_f(x)
+        chunks = zip(x.chunk(self.CHUNKS, dim=1), targets.chunk(self.CHUNKS, dim=1))
+        loss = sum(checkpoint(self.loss_sum, xc, yc, use_reentrant=False) for xc, yc in chunks)
+        return None, loss / targets.numel()
+
+    def loss_sum(self, x, targets):
+        logits = self.lm_head(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def pinned_loader(s07, device):
+    """Stage 07 with batches that reach the GPU from pinned memory without blocking the CPU
+    (07's own `x.to(device)` then has nothing left to do)."""
+
+    class PinnedLoader(s07.ShardLoader):
+        def next_batch(self):
+            x, y = super().next_batch()
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+                device, non_blocking=True
+            )
+
+    return mock.patch.object(s07, "ShardLoader", PinnedLoader)
 
 
 def measure_levers(cfg, device, tmp, B):
@@ -241,6 +279,11 @@ def measure_levers(cfg, device, tmp, B):
         "base": ("07 as it is", nullcontext()),
         "flash": ("SDPA backend: flash only", sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
         "cudnn": ("SDPA backend: cuDNN only", sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
+        "pinned": ("pinned memory, non-blocking copies", pinned_loader(s07, device)),
+        "chunked_ce": (
+            "loss in 8 chunks, no whole logits",
+            mock.patch.object(s07, "GPT", ChunkedLossGPT),
+        ),
         "ddp": ("DDP, 1 process", one_process_ddp(s07)),
         "bucket_view": (
             "DDP, gradient_as_bucket_view",

@@ -11,6 +11,7 @@ from conftest import SHAKESPEARE, load_stage
 
 from common import UserError
 from common.data import get_tokenizer, shard_files
+from common.model import GPT, preset_config
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +124,14 @@ def test_the_levers_table_dry_runs_and_a_lever_that_fails_is_a_row(shards, tmp_p
         total_batch=256,
         levers_batch=2,
         levers_steps=3,
-        levers="base,cudnn,bucket_view",
+        levers="base,cudnn,chunked_ce,bucket_view",
         data_dir=str(shards),
         parts="levers",
     )
-    base, cudnn, bucket = gpu.main(cfg)["levers"]
+    base, cudnn, chunked, bucket = gpu.main(cfg)["levers"]
     assert base["lever"] == "07 as it is" and base["ms"] > 0 and base["speedup"] == 1.0
     assert cudnn["ms"] is None and "RuntimeError" in cudnn["error"]
+    assert chunked["ms"] > 0 and not chunked["error"]
     assert bucket["ms"] > 0 and bucket["speedup"] > 0 and not bucket["error"]
     assert bucket["batch_size"] == 2 and "RANK" not in os.environ  # the environment put back
     assert not torch.distributed.is_initialized()
@@ -141,3 +143,22 @@ def test_the_levers_table_dry_runs_and_a_lever_that_fails_is_a_row(shards, tmp_p
     )
     with pytest.raises(UserError, match="unknown --levers fp8; choose from base,flash,cudnn"):
         gpu.main(gpu.Config(device="cpu", parts="levers", levers="base,fp8"))
+
+
+def test_the_chunked_loss_lever_gives_gpt_s_loss_and_gradients():
+    """bench/gpu.py's ChunkedLossGPT: the loss over 8 slices of the sequence, each recomputed
+    in backward, is GPT's loss, with GPT's gradients; without targets it is GPT itself."""
+    gpu = load_stage("bench/gpu")
+    torch.manual_seed(0)
+    config = preset_config("tiny", tie_weights=True, gpt2_init=True)
+    model, chunked = GPT(config), gpu.ChunkedLossGPT(config)
+    chunked.load_state_dict(model.state_dict())
+    x = torch.randint(0, config.vocab_size, (2, 64))
+    y = torch.randint(0, config.vocab_size, (2, 64))
+    losses = [m(x, y)[1] for m in (model, chunked)]
+    torch.testing.assert_close(losses[1], losses[0])
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(model.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    torch.testing.assert_close(chunked(x)[0], model(x)[0])
