@@ -34,9 +34,12 @@ Parts (--parts, comma separated; all by default):
 Data: --data-dir holds token shards, --text a text file for stages 02-06; both are made on a
 machine with `datasets` by bench/gpu_data.py (47 MiB, under the device tool's 64 MiB carry).
 Weights for 01/08: a random GPT-2-size GPT2LMHeadModel saved here (no hub), so parity is
-checked, not quality. The JSON file is rewritten after every part and every stage, so a run
+checked, not quality. The JSON file is rewritten after every row of every part, so a run
 cut off by a time limit still leaves what it measured; --minutes N starts no new measurement
 after N minutes, so the command ends (and says what it left out) inside the device's limit.
+Compiling takes most of a row's time at the real size. If issue 30's call runs out of time
+before its levers, the next call measures them alone: --parts levers --levers-batch B (the
+train part's fastest B), and --levers to leave out max_autotune, the slowest to compile.
 
     python bench/gpu_data.py --out bench_data                  # here, once; carry bench_data
     python bench/gpu.py --data-dir bench_data/shards --text bench_data/input.txt \\
@@ -182,7 +185,7 @@ def timed_07(s07, cfg, device, out, B, steps):
     return dt, peaks(device)
 
 
-def measure_train(cfg, device, tmp):
+def measure_train(cfg, device, tmp, on_row=lambda rows: None):
     s07 = load("07_ddp_fineweb.py")
     measured_peak = bench.measure_peak(device)
     _, datasheet = bench.known_peak(device)
@@ -207,6 +210,7 @@ def measure_train(cfg, device, tmp):
                 plan_mb=plan_mb(cfg, B, compiled=str(device).startswith("cuda")),
             )
         )
+        on_row(rows)
         print(
             f"train B={B}: {dt * 1000:.1f} ms/step, {tps:,.0f} tok/s, MFU "
             f"{bench.fmt(rows[-1]['mfu_datasheet'], '.1%')} (datasheet) / "
@@ -270,7 +274,7 @@ def pinned_loader(s07, device):
     return mock.patch.object(s07, "ShardLoader", PinnedLoader)
 
 
-def measure_levers(cfg, device, tmp, B):
+def measure_levers(cfg, device, tmp, B, on_row=lambda rows: None):
     """07's step at micro-batch B, as it is and with each lever on (see the docstring)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -312,6 +316,7 @@ def measure_levers(cfg, device, tmp, B):
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         rows.append(row)
+        on_row(rows)
         print(
             f"lever {lever:<38} B={B}: {bench.fmt(row['ms'], '.1f')} ms/step, "
             f"x{bench.fmt(row['speedup'], '.3f')} {row['error']}".rstrip()
@@ -335,7 +340,7 @@ def plan_mb(cfg, B, compiled):
     return plan.estimate(config, B, cfg.seq_len, compiled=compiled)["peak"] / 2**20
 
 
-def measure_auto(cfg, device, tmp):
+def measure_auto(cfg, device, tmp, on_row=lambda rows: None):
     """Stage 07 with `--batch-size auto` under each cap in --auto-caps (GiB, a smaller card
     emulated with torch.cuda.set_per_process_memory_fraction): the B it picks, whether a
     few real steps then run without running out of memory, and the peaks. On a CPU dry run:
@@ -364,6 +369,7 @@ def measure_auto(cfg, device, tmp):
         rows.append({**row, **peaks(device)})
         if row["batch_size"]:
             rows[-1]["plan_mb"] = plan_mb(cfg, row["batch_size"], compiled=c.compile)
+        on_row(rows)
         print(f"auto under {cap} GiB: B={row['batch_size']} {row['error']}".rstrip())
     return rows
 
@@ -502,7 +508,7 @@ def torchrun_07(cfg, device, out, restarts, act, timeout=600):
     )
 
 
-def measure_faults(cfg, device, tmp):
+def measure_faults(cfg, device, tmp, on_row=lambda rows: None):
     """07 under torchrun, killed as a cluster kills it: kill -9 (a dead GPU, the OOM killer)
     once a checkpoint is saved, with one restart left; then SIGTERM (preemption)."""
     if " " in f"{cfg.data_dir}{tmp}":
@@ -531,6 +537,7 @@ def measure_faults(cfg, device, tmp):
         sent.clear()
         row = torchrun_07(cfg, device, Path(tmp) / f"faults_{restarts}", restarts, act)
         rows.append(dict(run=label, sent=list(sent), **row))
+        on_row(rows)
         print(
             f"07 torchrun, {label}: sent {sent}, torchrun rc {row['rc']}, workers' exit codes "
             f"{row['worker_exitcodes']}, resumed from {row['resumed_from']}, "
@@ -560,7 +567,7 @@ def main(cfg):
     )
     print(f"{result['hardware']}, torch {torch.__version__}, {result['date']}")
 
-    def save(part=None, value=None):  # after every part: a run cut short keeps what it measured
+    def save(part=None, value=None):  # after every row: a run cut short keeps what it measured
         if part:
             result[part] = value
         if cfg.json:
@@ -569,9 +576,9 @@ def main(cfg):
 
     with tempfile.TemporaryDirectory() as tmp:
         if "train" in parts:
-            save("train", measure_train(cfg, device, tmp))
+            save("train", measure_train(cfg, device, tmp, on_row=lambda rows: save("train", rows)))
         if "auto" in parts:
-            save("auto", measure_auto(cfg, device, tmp))
+            save("auto", measure_auto(cfg, device, tmp, on_row=lambda rows: save("auto", rows)))
         if "levers" in parts:
             fastest = max(result.get("train", []), key=lambda r: r["tokens_per_s"], default=None)
             B = (
@@ -579,7 +586,8 @@ def main(cfg):
                 or (fastest or {}).get("batch_size")
                 or int(cfg.batch_sizes.split(",")[0])
             )
-            save("levers", measure_levers(cfg, device, tmp, B))
+            rows = measure_levers(cfg, device, tmp, B, on_row=lambda rows: save("levers", rows))
+            save("levers", rows)
         if "checkpoint" in parts:
             stall = load("bench/checkpoint_stall.py")
             c = stall.Config(preset=cfg.preset, device=device, repeats=3, out=f"{tmp}/stall")
@@ -609,7 +617,9 @@ def main(cfg):
         if "stages" in parts:
             measure_stages(cfg, device, tmp, on_row=lambda rows: save("stages", rows))
         if "faults" in parts:
-            save("faults", measure_faults(cfg, device, tmp))
+            save(
+                "faults", measure_faults(cfg, device, tmp, on_row=lambda rows: save("faults", rows))
+            )
     save()
     if cfg.json:
         print(f"wrote {cfg.json}")

@@ -162,3 +162,24 @@ def test_the_chunked_loss_lever_gives_gpt_s_loss_and_gradients():
     for (name, a), b in zip(model.named_parameters(), chunked.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
     torch.testing.assert_close(chunked(x)[0], model(x)[0])
+
+
+def test_a_gpu_run_cut_short_keeps_the_rows_it_measured(shards, tmp_path):
+    """The JSON file is rewritten after every row: when the second B of the train part fails
+    (3 x 32 tokens do not divide the 256-token step), the first B's row is on disk."""
+    gpu = load_stage("bench/gpu")
+    cfg = gpu.Config(
+        device="cpu",
+        preset="tiny",
+        batch_sizes="1,3",
+        seq_len=32,
+        total_batch=256,
+        steps=3,
+        data_dir=str(shards),
+        parts="train",
+        json=str(tmp_path / "gpu.json"),
+    )
+    with pytest.raises(UserError, match=r"not a multiple of B\*T\*GPUs = 96"):
+        gpu.main(cfg)
+    rows = json.loads((tmp_path / "gpu.json").read_text())["train"]
+    assert [r["batch_size"] for r in rows] == [1] and rows[0]["tokens_per_s"] > 0
