@@ -3,6 +3,7 @@ bench/gpu.py's training parts and its torchrun fault runs, dry-run on the CPU.""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,14 @@ from common.model import GPT, preset_config
 @pytest.fixture(scope="module")
 def gpu_data():
     return load_stage("bench/gpu_data")
+
+
+def tiny(gpu, shards, tmp_path, **kw):
+    """bench/gpu.py's Config for a CPU dry run at the tiny size, its JSON in tmp_path."""
+    kw = dict(
+        device="cpu", preset="tiny", data_dir=str(shards), json=str(tmp_path / "gpu.json"), **kw
+    )
+    return gpu.Config(**kw)
 
 
 def test_writes_the_text_and_shards_that_start_with_it(gpu_data, tmp_path):
@@ -56,16 +65,15 @@ def test_the_gpu_script_dry_runs_train_and_auto_on_the_cpu(shards, tmp_path):
     docstring's dry run: one row per B with the planner's estimate beside it, auto's pick
     (the CPU default), a checkpoint's stall against a blocking save."""
     gpu = load_stage("bench/gpu")
-    cfg = gpu.Config(
-        device="cpu",
-        preset="tiny",
+    cfg = tiny(
+        gpu,
+        shards,
+        tmp_path,
         batch_sizes="1,2",
         seq_len=32,
-        total_batch=256,  # auto's CPU default, B=8, fits it once
         steps=3,
-        data_dir=str(shards),
         parts="train,auto,checkpoint",
-        json=str(tmp_path / "gpu.json"),
+        total_batch=256,  # auto's CPU default, B=8, fits it once
     )
     result = gpu.main(cfg)
     assert json.loads((tmp_path / "gpu.json").read_text())["train"] == result["train"]
@@ -90,16 +98,7 @@ def test_the_gpu_script_dry_runs_its_faults_under_torchrun_on_the_cpu(shards, tm
     and torchrun exits 0; a SIGTERM makes the worker exit 75 with a checkpoint of the step it
     stopped at. The signals come after step 3 of 20: the rest of the run is their margin."""
     gpu = load_stage("bench/gpu")
-    cfg = gpu.Config(
-        device="cpu",
-        preset="tiny",
-        seq_len=32,
-        total_batch=512,
-        fault_steps=20,
-        data_dir=str(shards),
-        parts="faults",
-        json=str(tmp_path / "gpu.json"),
-    )
+    cfg = tiny(gpu, shards, tmp_path, seq_len=32, total_batch=512, fault_steps=20, parts="faults")
     kill, term = gpu.main(cfg)["faults"]
     assert kill["sent"] == ["saved", "killed"] and kill["rc"] == 0, kill
     assert kill["worker_exitcodes"] == [-9] and not kill["aborted"]
@@ -117,17 +116,9 @@ def test_the_levers_table_dry_runs_and_a_lever_that_fails_is_a_row(shards, tmp_p
     goes on. DDP of one process (gloo here) runs 07 wrapped, with gradient_as_bucket_view.
     --minutes ends a part early with a line saying what was not measured."""
     gpu = load_stage("bench/gpu")
-    cfg = gpu.Config(
-        device="cpu",
-        preset="tiny",
-        seq_len=32,
-        total_batch=256,
-        levers_batch=2,
-        levers_steps=3,
-        levers="base,cudnn,chunked_ce,bucket_view",
-        data_dir=str(shards),
-        parts="levers",
-    )
+    levers = "base,cudnn,chunked_ce,bucket_view"
+    cfg = tiny(gpu, shards, tmp_path, seq_len=32, total_batch=256, parts="levers", levers=levers)
+    cfg = replace(cfg, levers_batch=2, levers_steps=3)
     base, cudnn, chunked, bucket = gpu.main(cfg)["levers"]
     assert base["lever"] == "07 as it is" and base["ms"] > 0 and base["speedup"] == 1.0
     assert cudnn["ms"] is None and "RuntimeError" in cudnn["error"]
@@ -136,7 +127,7 @@ def test_the_levers_table_dry_runs_and_a_lever_that_fails_is_a_row(shards, tmp_p
     assert bucket["batch_size"] == 2 and "RANK" not in os.environ  # the environment put back
     assert not torch.distributed.is_initialized()
     capsys.readouterr()
-    result = gpu.main(gpu.Config(**{**cfg.__dict__, "minutes": 1e-9, "levers": "base"}))
+    result = gpu.main(replace(cfg, minutes=1e-9, levers="base"))
     assert result["levers"] == []
     assert (
         "out of time (--minutes 1e-09): lever 07 as it is not measured" in capsys.readouterr().out
@@ -168,17 +159,8 @@ def test_a_gpu_run_cut_short_keeps_the_rows_it_measured(shards, tmp_path):
     """The JSON file is rewritten after every row: when the second B of the train part fails
     (3 x 32 tokens do not divide the 256-token step), the first B's row is on disk."""
     gpu = load_stage("bench/gpu")
-    cfg = gpu.Config(
-        device="cpu",
-        preset="tiny",
-        batch_sizes="1,3",
-        seq_len=32,
-        total_batch=256,
-        steps=3,
-        data_dir=str(shards),
-        parts="train",
-        json=str(tmp_path / "gpu.json"),
-    )
+    cfg = tiny(gpu, shards, tmp_path, batch_sizes="1,3", seq_len=32, total_batch=256, steps=3)
+    cfg = replace(cfg, parts="train")
     with pytest.raises(UserError, match=r"not a multiple of B\*T\*GPUs = 96"):
         gpu.main(cfg)
     rows = json.loads((tmp_path / "gpu.json").read_text())["train"]
