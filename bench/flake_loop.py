@@ -62,7 +62,11 @@ def main():
     burn = [sys.executable, "-c", "while True: pass"]
     burners = [subprocess.Popen(burn) for _ in range(args.burn)]
     counts, runs, runs_failed, start = Counter(), 0, 0, time.monotonic()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *pytest_args]
+    # one pass's temp files at a time (about 4 GB for --process-tests): pytest empties
+    # --basetemp when it starts, where it would keep the last three passes in $TMPDIR
+    basetemp = logs / "pytest-tmp"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
+    cmd += ["--basetemp", str(basetemp), *pytest_args]
     print(f"{' '.join(cmd)}\n{args.runs} runs, {args.burn} CPU burner(s)", flush=True)
     try:
         for i in range(1, args.runs + 1):

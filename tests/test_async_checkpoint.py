@@ -243,3 +243,28 @@ def test_an_error_in_the_background_write_stops_every_rank(shards, env, tmp_path
     assert r.stderr.count("error: could not write") == 1
     assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr
     failed_run_checks(out)
+
+
+def test_the_overhead_bench_times_07_with_and_without_extra_saves(tmp_path):
+    """bench/ckpt_overhead.py at the tiny size: one round of 07 with --ckpt-every 0 (one save,
+    the last) and --ckpt-every 2 (saves after steps 2 and 4), each save's stall and write read
+    from metrics.jsonl, the difference of the pair in the summary and the JSON; the runs' out
+    and shards are deleted after. Bad settings are refused before any run."""
+    from conftest import load_stage
+
+    bench = load_stage("bench/ckpt_overhead")
+    scratch, out = tmp_path / "scratch", tmp_path / "ckpt.json"
+    cfg = bench.Config(preset="tiny", steps=4, every=2, rounds=1, threads=1, scratch=str(scratch))
+    result = bench.main(bench.Config(**{**vars(cfg), "json": str(out)}))
+    assert json.loads(out.read_text()) == result and not scratch.exists()
+    none, two = result["runs"]
+    assert (none["every"], two["every"]) == (0, 2) and len(none["dt"]) == len(two["dt"]) == 4
+    assert [s["step"] for s in none["saves"]] == [4] and [s["step"] for s in two["saves"]] == [2, 4]
+    assert all(s["write_s"] > 0 and 0 <= s["waited_s"] <= s["stall_s"] for s in two["saves"])
+    extra = round(two["wall_s"] - none["wall_s"], 2)
+    assert result["summary"] == {str(ROOT): [extra]}
+    assert result["machine"]["cpu"] and result["machine"]["torch"] == torch.__version__
+    with pytest.raises(bench.UserError, match=r"^--every must be between 1 and --steps - 1"):
+        bench.main(bench.Config(steps=4, every=4))
+    with pytest.raises(bench.UserError, match="is not a checkout of this repository"):
+        bench.main(bench.Config(checkouts=str(tmp_path)))
