@@ -47,7 +47,9 @@ class Config:
     threads: int = 0  # OMP_NUM_THREADS for the runs (0: torch's default, every core)
     checkouts: str = "."  # checkouts of this repository to run, comma separated, in turn
     data_dir: str = ""  # token shards; empty: made from the test sample into --scratch
-    scratch: str = "/tmp/ckpt_overhead"  # the runs' --out and the shards (deleted at the end)
+    scratch: str = (
+        "/tmp/ckpt_overhead"  # new or empty folder for the runs and shards; deleted after
+    )
     json: str = ""  # write every run and the summary here, rewritten after each run
 
 
@@ -115,8 +117,9 @@ def main(cfg):
         if not (c / "07_ddp_fineweb.py").is_file():
             raise UserError(f"{c} is not a checkout of this repository (no 07_ddp_fineweb.py)")
     scratch = Path(cfg.scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    if scratch.exists() and any(scratch.iterdir()):  # it is deleted at the end: never a user's
+        raise UserError(f"--scratch {scratch} is not empty: give a new or empty folder")
+    scratch.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else make_shards(scratch)
     machine = dict(run_info(cfg), cpu=cpu_model())  # versions, cores, date, commit; the CPU
     result = dict(machine=machine, runs=[], summary={})

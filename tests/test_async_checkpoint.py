@@ -268,3 +268,8 @@ def test_the_overhead_bench_times_07_with_and_without_extra_saves(tmp_path):
         bench.main(bench.Config(steps=4, every=4))
     with pytest.raises(bench.UserError, match="is not a checkout of this repository"):
         bench.main(bench.Config(checkouts=str(tmp_path)))
+    (scratch / "mine.txt").parent.mkdir()
+    (scratch / "mine.txt").write_text("a user's file")
+    with pytest.raises(bench.UserError, match="is not empty: give a new or empty folder"):
+        bench.main(bench.Config(scratch=str(scratch)))
+    assert (scratch / "mine.txt").read_text() == "a user's file"
