@@ -27,7 +27,8 @@ What keeps a run from losing or poisoning its work:
               verify, naming the newest older one that does: silently resuming an older step
               would repeat work and hide the damage, so choosing it is left to the user.
   one writer  RunLock: an exclusive lock on `{out}/.lock` for a run's whole life.
-  background  BackgroundSave writes from a copy in host memory while training goes on, the
+  background  BackgroundSave writes from a copy in host memory (allocated ahead of the first
+              save by host_buffers) while training goes on, the
               same file the same way; its temp file is reserved at full size first, so a
               full disk is said before the loop goes on. (No zip CRC-32s: the sha256 covers
               the same bytes, and torch.load never checked them; see _save.)
@@ -423,7 +424,7 @@ def snapshot(state, buffers=None):
         source = v.untyped_storage()
         if not source.nbytes():
             return v.cpu().clone()
-        key = (v.device, source.data_ptr(), source.nbytes())
+        key = _storage_key(v)
         if key not in new:
             buf = buffers.get(key)
             if buf is None:
@@ -442,6 +443,31 @@ def snapshot(state, buffers=None):
         ready = torch.cuda.Event()
         ready.record()  # after the copies, on the stream that made them
     return state, new, ready
+
+
+def _storage_key(v):
+    """What a snapshot's buffer is found by: the device, address and size of v's storage."""
+    source = v.untyped_storage()
+    return (v.device, source.data_ptr(), source.nbytes())
+
+
+def host_buffers(state):
+    """The host memory snapshot(state) copies into, allocated ahead: {storage key: buffer},
+    every page touched (pinning touches them too), so that the first snapshot is a plain copy.
+
+    Allocating is most of a first snapshot's time: on the 2-core VM of BENCHMARKS.md, 4.9 s
+    for gpt2's 1.39 GiB, where the copy itself took 0.2 s. Run calls this in a thread after its
+    first step, while training goes on, so no save stops the loop for more than the copy."""
+    buffers = {}
+    for _, v in _leaves(state):
+        if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes():
+            key = _storage_key(v)
+            if key not in buffers:
+                buf = torch.empty(key[2], dtype=torch.uint8, pin_memory=v.is_cuda)
+                if not v.is_cuda:
+                    buf.numpy().fill(0)  # the kernel maps a page at its first write: now
+                buffers[key] = buf
+    return buffers
 
 
 class BackgroundSave:

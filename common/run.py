@@ -32,8 +32,9 @@ Faults, and what the run does:
                   rank 0 with one line naming the path and the space a checkpoint needs.
 
 Checkpoints are written in the background (common.checkpoint.BackgroundSave): save() blocks
-the loop only while it copies the state into host memory, which stays allocated for the next
-save (about one checkpoint's size in RAM); one save at a time. What a background write did
+the loop only while it copies the state into host memory. That memory (about one
+checkpoint's size in RAM) is allocated by a thread after the first step, while training
+goes on, and kept for every save; one save at a time. What a background write did
 is reported at the first check after it ends (save(), preempted(), check_finite(), close()):
 `saved PATH`, and a "checkpoint" line in metrics.jsonl with stall_s (the loop blocked, waiting
 for the previous save included) and write_s (the thread's time). Its error stops every rank
@@ -58,6 +59,7 @@ from common import UserError, bench
 from common.checkpoint import (
     BackgroundSave,
     RunLock,
+    host_buffers,
     check_plain,
     check_resume,
     list_checkpoints,
@@ -86,6 +88,7 @@ class Run:
         self.peak = bench.known_peak(device)[1]  # the GPU's datasheet bf16 FLOP/s, or None
         self._eta_from = None  # (time, step) after the first step: compilation is not typical
         self.saving, self.buffers, self.stopping = None, None, False  # rank 0's save in flight
+        self.preparing = None  # rank 0: (thread, buffers) allocating the first save's host copy
 
     def tokens_at(self, step):
         """Tokens trained on before `step`, across a resume that changed --total-batch."""
@@ -123,6 +126,10 @@ class Run:
             try:
                 if error := self._saved(wait=True):  # one save at a time
                     raise error
+                if self.preparing:  # the host copy allocated ahead (see preempted): mostly done
+                    thread, prepared = self.preparing
+                    thread.join()
+                    self.buffers, self.preparing = self.buffers or prepared, ()
                 waited = time.perf_counter() - t0
                 self.saving, self.buffers = BackgroundSave.begin(
                     self.cfg.out,
@@ -209,7 +216,10 @@ class Run:
         """Every rank, after every step: whether a stop signal reached any rank. One flag
         all-reduced, so all ranks agree on the step they stop after. The same all-reduce says
         whether rank 0's background save failed: then every rank stops here, rank 0 with
-        its error, the others quietly (exit code 1); a step costs no other sync."""
+        its error, the others quietly (exit code 1); a step costs no other sync. After the
+        first step, rank 0 also starts allocating the host copy that saves write from."""
+        if self.master and self.preparing is None:
+            self._prepare_host_copy()
         error = self._saved() if self.master else None  # does not wait: a look at the thread
         flag = 2 if error else int(self.signal is not None)  # 2: a save failed; 1: a signal
         if self.world_size > 1:
@@ -220,6 +230,26 @@ class Run:
             raise SystemExit(1) if self.world_size > 1 else error
         self.stopping = flag == 1
         return self.stopping
+
+    def _prepare_host_copy(self):
+        """Allocate, in a thread, the host memory the first save copies the model and the
+        optimizer into (common.checkpoint.host_buffers; the optimizer's moments exist after
+        the first step), so that no save stops the loop for the allocation, which takes far
+        longer than the copy. Should it fail (no memory), the first save allocates and says."""
+        state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        buffers = {}
+
+        def allocate():
+            try:
+                if self.device.type == "cuda":  # pinned for this GPU, as the loop pins it
+                    torch.cuda.set_device(self.device)
+                buffers.update(host_buffers(state))
+            except Exception:  # e.g. out of memory: the first save allocates what it needs
+                pass
+
+        thread = threading.Thread(target=allocate, name="checkpoint host copy")
+        thread.start()  # not a daemon: the interpreter's teardown never runs beside it
+        self.preparing = (thread, buffers)
 
     def stop(self, step):
         """After preempted() and save(step): wait for rank 0's checkpoint, then exit with

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from common.checkpoint import (
     BackgroundSave,
     checkpoint_state,
     content_hash,
+    host_buffers,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -31,6 +33,7 @@ from common.checkpoint import (
     verify_checkpoint,
 )
 from common.model import GPT, GPTConfig
+from common.run import Run
 
 SMALL = GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=16, tie_weights=True)
 
@@ -75,6 +78,67 @@ def test_snapshot_copies_keep_shared_storage_and_reuse_their_buffers():
     again, reused, _ = snapshot(state, buffers)
     assert {id(b) for b in reused.values()} == {id(b) for b in buffers.values()}  # no new memory
     assert torch.equal(again["model"]["lm_head.weight"], model.lm_head.weight)
+
+
+def trained_small():
+    """SMALL after one AdamW step: its moments exist, as after a run's first step."""
+    model = GPT(SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    opt.step()
+    return model, opt
+
+
+def test_host_buffers_are_what_the_first_snapshot_copies_into():
+    """Allocated ahead, one buffer per storage (tied weights: one), each the storage's size;
+    the first snapshot copies into them and allocates nothing more for these tensors."""
+    model, opt = trained_small()
+    state = checkpoint_state(1, model, SMALL, optimizer=opt.state_dict())
+    buffers = host_buffers(dict(model=model.state_dict(), optimizer=opt.state_dict()))
+    params = list(model.parameters())  # lm_head.weight is wte's: one storage for both
+    assert len(buffers) == 4 * len(params)  # weights, 2 AdamW moments, step counters
+    assert all(
+        b.numel() == nbytes and b.device.type == "cpu" for (_, _, nbytes), b in buffers.items()
+    )
+    copy, used, _ = snapshot(state, buffers)
+    assert all(used[key] is buf for key, buf in buffers.items())  # no new memory for them
+    assert content_hash(copy) == content_hash(state)
+
+
+@dataclass
+class RunConfig:  # what Run reads of a stage's Config
+    out: str
+    steps: int = 4
+    keep_last: int = 0
+    total_batch: int = 8
+    seq_len: int = 4
+
+
+class Position:  # a data loader's resumable position, as Run saves it
+    def state_dict(self):
+        return {"position": 0}
+
+
+def test_a_run_allocates_the_host_copy_after_its_first_step_for_the_first_save(tmp_path):
+    """Run.preempted() after the first step starts a thread that allocates the host copy;
+    the first save joins it and copies into those buffers (its stall is the copy), and
+    later saves reuse them."""
+    model, opt = trained_small()
+    run = Run(RunConfig(out=str(tmp_path)), model, opt, Position(), master=True)
+    assert run.preparing is None
+    assert run.preempted() is False  # after step 0
+    thread, prepared = run.preparing
+    thread.join()
+    assert len(prepared) == 4 * len(list(model.parameters()))
+    run.preempted()  # after step 1: nothing new is allocated
+    assert run.preparing[1] is prepared
+    run.save(2)
+    assert all(run.buffers[key] is buf for key, buf in prepared.items())
+    run.save(4)  # the last: waits for its write and verifies it
+    assert all(run.buffers[key] is buf for key, buf in prepared.items())
+    run.close()
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["ckpt_000002.pt", "ckpt_000004.pt"]
+    assert torch.equal(load_checkpoint(tmp_path)["model"]["lm_head.weight"], model.lm_head.weight)
 
 
 @pytest.mark.skipif(
