@@ -47,9 +47,7 @@ class Config:
     threads: int = 0  # OMP_NUM_THREADS for the runs (0: torch's default, every core)
     checkouts: str = "."  # checkouts of this repository to run, comma separated, in turn
     data_dir: str = ""  # token shards; empty: made from the test sample into --scratch
-    scratch: str = (
-        "/tmp/ckpt_overhead"  # new or empty folder for the runs and shards; deleted after
-    )
+    scratch: str = "/tmp/ckpt_overhead"  # new or empty: the runs' --out, shards; deleted after
     json: str = ""  # write every run and the summary here, rewritten after each run
 
 

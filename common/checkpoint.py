@@ -28,9 +28,9 @@ What keeps a run from losing or poisoning its work:
               would repeat work and hide the damage, so choosing it is left to the user.
   one writer  RunLock: an exclusive lock on `{out}/.lock` for a run's whole life.
   background  BackgroundSave writes from a copy in host memory (allocated ahead of the first
-              save by host_buffers) while training goes on, the
-              same file the same way; its temp file is reserved at full size first, so a
-              full disk is said before the loop goes on. (No zip CRC-32s: the sha256 covers
+              save by host_buffers) while training goes on, the same file the same way; its
+              temp file is reserved at full size first, so a full disk is said before the
+              loop goes on. (No zip CRC-32s: the sha256 covers
               the same bytes, and torch.load never checked them; see _save.)
   temp files  remove_stale_temps deletes what saves killed mid-write left behind.
   settings    check_resume refuses a resume that would change the run, unless asked to.
@@ -428,7 +428,7 @@ def snapshot(state, buffers=None):
         if key not in new:
             buf = buffers.get(key)
             if buf is None:
-                buf = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=v.is_cuda)
+                buf = _host_buffer(v)
             raw = torch.empty(0, dtype=torch.uint8, device=v.device).set_(source)
             if v.device.type == "cpu":  # a plain memcpy: copy_ would wake torch's thread pool
                 np.copyto(buf.numpy(), raw.numpy())  # for each of ~200 tensors, mostly small
@@ -451,6 +451,11 @@ def _storage_key(v):
     return (v.device, source.data_ptr(), source.nbytes())
 
 
+def _host_buffer(v):
+    """Host memory of v's storage's size, pinned when v lives on a GPU (fast, async copies)."""
+    return torch.empty(v.untyped_storage().nbytes(), dtype=torch.uint8, pin_memory=v.is_cuda)
+
+
 def host_buffers(state):
     """The host memory snapshot(state) copies into, allocated ahead: {storage key: buffer},
     every page touched (pinning touches them too), so that the first snapshot is a plain copy.
@@ -463,7 +468,7 @@ def host_buffers(state):
         if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes():
             key = _storage_key(v)
             if key not in buffers:
-                buf = torch.empty(key[2], dtype=torch.uint8, pin_memory=v.is_cuda)
+                buf = _host_buffer(v)
                 if not v.is_cuda:
                     buf.numpy().fill(0)  # the kernel maps a page at its first write: now
                 buffers[key] = buf

@@ -59,9 +59,9 @@ from common import UserError, bench
 from common.checkpoint import (
     BackgroundSave,
     RunLock,
-    host_buffers,
     check_plain,
     check_resume,
+    host_buffers,
     list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
@@ -129,7 +129,7 @@ class Run:
                 if self.preparing:  # the host copy allocated ahead (see preempted): mostly done
                     thread, prepared = self.preparing
                     thread.join()
-                    self.buffers, self.preparing = self.buffers or prepared, ()
+                    self.buffers, self.preparing = prepared, ()  # the first save: none before
                 waited = time.perf_counter() - t0
                 self.saving, self.buffers = BackgroundSave.begin(
                     self.cfg.out,
